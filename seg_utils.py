@@ -22,8 +22,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI otherwise
@@ -54,7 +54,9 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple, grid: tuple) -> np.nda
     """Low-frequency noise in [-1, 1] of `shape` (D, H, W), upsampled from a coarse `grid`."""
     depth, height, width = shape
     coarse = rng.standard_normal(grid).astype(np.float32)
-    planes = np.stack([cv2.resize(c, (width, height), interpolation=cv2.INTER_CUBIC) for c in coarse])
+    planes = np.stack(
+        [cv2.resize(c, (width, height), interpolation=cv2.INTER_CUBIC) for c in coarse]
+    )
     z = np.linspace(0, grid[0] - 1, depth)
     lo = np.floor(z).astype(int)
     hi = np.minimum(lo + 1, grid[0] - 1)
@@ -66,7 +68,9 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple, grid: tuple) -> np.nda
 def _synthetic_patient(rng: np.random.Generator, depth: int, size: int = 256):
     """One MRI-like head: (D, H, W, 3) uint8 images and (D, H, W) uint8 0/255 masks."""
     z, y, x = np.meshgrid(
-        np.linspace(-0.95, 0.95, depth), np.linspace(-1, 1, size), np.linspace(-1, 1, size),
+        np.linspace(-0.95, 0.95, depth),
+        np.linspace(-1, 1, size),
+        np.linspace(-1, 1, size),
         indexing="ij",
     )  # each (D, H, W)
     cy, cx = rng.uniform(-0.08, 0.08, 2)
@@ -164,7 +168,9 @@ def scan_dataset(root: str | Path) -> list[SliceRecord]:
         for path in folder.glob("*.tif"):
             match = _NAME.match(path.name)
             if not match or match["patient"] != folder.name:
-                raise DataError(f"{path}: expected {folder.name}_<n>.tif or {folder.name}_<n>_mask.tif")
+                raise DataError(
+                    f"{path}: expected {folder.name}_<n>.tif or {folder.name}_<n>_mask.tif"
+                )
             (masks if match["mask"] else images)[int(match["n"])] = path
         for n in sorted(set(images) ^ set(masks)):
             have, lack = (images[n], "mask") if n in images else (masks[n], "image")
@@ -211,7 +217,9 @@ def resolve_data_dir(env_value: str | None = None, data_root: str | Path | None 
     synthetic = data_root / "synthetic"
     if not (synthetic / "kaggle_3m").is_dir():
         print(f"No real data found: generating the synthetic set in {synthetic}")
-        make_synthetic_dataset(synthetic, n_patients=int(os.environ.get("SEG_SYNTH_PATIENTS", 20)))
+        make_synthetic_dataset(
+            synthetic, n_patients=int(os.environ.get("SEG_SYNTH_PATIENTS", "20"))
+        )
     return synthetic / "kaggle_3m"
 
 
@@ -349,7 +357,9 @@ def prepare_volume(volume: Volume, pre: Preprocess) -> PreparedVolume:
     mask = np.stack(
         [cv2.resize(m.astype(np.float32), size, interpolation=cv2.INTER_AREA) > 0.5 for m in mask]
     ).astype(np.uint8)
-    return PreparedVolume(volume.patient, image, mask, box, (height, width), volume_norm(image, pre))
+    return PreparedVolume(
+        volume.patient, image, mask, box, (height, width), volume_norm(image, pre)
+    )
 
 
 def prepare_volumes(volumes: list[Volume], pre: Preprocess) -> list[PreparedVolume]:
@@ -372,11 +382,6 @@ def train_transform(seed: int | None = None) -> A.Compose:
         ],
         seed=seed,
     )
-
-
-def eval_transform() -> None:
-    """Evaluation adds nothing: crop, resize and normalisation are the same for every split."""
-    return None
 
 
 class SliceDataset(torch.utils.data.Dataset):
@@ -459,9 +464,12 @@ class UNet(nn.Module):
         )
         self.bottleneck = ConvBlock(widths[depth - 1], widths[depth])
         self.ups = nn.ModuleList(
-            nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(depth))
+            nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
+            for i in reversed(range(depth))
         )
-        self.decoders = nn.ModuleList(ConvBlock(2 * widths[i], widths[i]) for i in reversed(range(depth)))
+        self.decoders = nn.ModuleList(
+            ConvBlock(2 * widths[i], widths[i]) for i in reversed(range(depth))
+        )
         self.head = nn.Conv2d(widths[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 3, H, W)
@@ -495,7 +503,9 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     return 1 - (2 * intersection + smooth) / (prob.sum() + target.sum() + smooth)
 
 
-def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
+def bce_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0
+) -> torch.Tensor:
     """BCE on logits (stable log-sum-exp form) + dice_weight * soft Dice loss."""
     bce = F.binary_cross_entropy_with_logits(logits.float(), target)
     return bce + dice_weight * soft_dice_loss(logits, target)
@@ -531,7 +541,7 @@ def cpu_supports_bf16() -> bool:
 
 
 def pick_precision(device: torch.device, requested: str = "auto") -> str:
-    """"bf16" where the hardware runs it natively (measured 2-3x faster on such CPUs), else "fp32"."""
+    """ "bf16" where the hardware runs it natively (measured 2-3x faster on such CPUs), else "fp32"."""
     if requested != "auto":
         return requested
     if device.type == "cuda":
@@ -630,7 +640,9 @@ def predict_prepared(model, volume: PreparedVolume, precision="auto", tta=False,
 
 def validate(model, volumes: list[PreparedVolume], precision="auto") -> float:
     """Mean per-patient Dice at the training size, threshold 0.5 (the model-selection score)."""
-    return float(np.mean([dice_score(predict_prepared(model, v, precision) >= 0.5, v.mask) for v in volumes]))
+    return float(
+        np.mean([dice_score(predict_prepared(model, v, precision) >= 0.5, v.mask) for v in volumes])
+    )
 
 
 def _train_one_epoch(model, loader, optimizer, scheduler, precision, dice_weight, progress):
@@ -741,6 +753,299 @@ def _resume(path: Path, model, optimizer, scheduler, config: TrainConfig) -> lis
     torch.set_rng_state(state["torch_rng"])
     print(f"resuming {path} after epoch {state['epoch']}")
     return state["history"]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def uncrop(prob: np.ndarray, box: tuple, shape: tuple) -> np.ndarray:
+    """Undo prepare_volume: (D, S, S) at training size -> (D, H, W) in original pixels."""
+    y0, y1, x0, x1 = box
+    height, width = shape
+    out = np.zeros((len(prob), height, width), np.float32)
+    ys, xs = slice(max(y0, 0), min(y1, height)), slice(max(x0, 0), min(x1, width))
+    for d, p in enumerate(prob):
+        big = cv2.resize(p, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+        out[d, ys, xs] = big[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
+    return out
+
+
+def predict_volume(model, volume: Volume, pre: Preprocess, precision="auto", tta=False):
+    """Tumour probability (D, H, W) for one patient at the original resolution."""
+    prepared = prepare_volume(volume, pre)
+    return uncrop(predict_prepared(model, prepared, precision, tta), prepared.box, prepared.shape)
+
+
+def predict_volumes(model, volumes: list[Volume], pre: Preprocess, tta=False, progress=True):
+    """predict_volume for every patient: {patient: (D, H, W) probabilities}."""
+    return {
+        v.patient: predict_volume(model, v, pre, tta=tta)
+        for v in tqdm(volumes, desc="predicting", disable=not progress)
+    }
+
+
+def postprocess(binary: np.ndarray, min_size: int = 0, keep_largest: bool = False) -> np.ndarray:
+    """Drop 3D connected components under min_size voxels, or keep only the largest one."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(binary)
+    if n == 0 or (min_size <= 0 and not keep_largest):
+        return binary.astype(bool)
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = sizes == sizes.max() if keep_largest else sizes >= min_size
+    return np.concatenate([[False], keep])[labels]
+
+
+def _dice(inter, pred, truth):
+    """Dice from pixel counts with the empty-mask rule of dice_score (works on arrays)."""
+    total = pred + truth
+    return np.where(total == 0, 1.0, 2 * inter / np.maximum(total, 1))
+
+
+def evaluate_patients(probs: dict, volumes: list[Volume], threshold=0.5, min_size=0,
+                      keep_largest=False):  # fmt: skip
+    """Tidy tables (pandas): one row per patient, one row per slice, original resolution."""
+    import pandas as pd
+
+    patients, slices = [], []
+    for vol in volumes:
+        pred = postprocess(probs[vol.patient] >= threshold, min_size, keep_largest)
+        truth = vol.mask.astype(bool)
+        inter = (pred & truth).sum((1, 2))  # (D,) pixel counts per slice
+        p, t = pred.sum((1, 2)), truth.sum((1, 2))
+        for z, n in enumerate(vol.slices):
+            slices.append(dict(patient=vol.patient, slice=n, truth_px=int(t[z]), pred_px=int(p[z]),
+                               inter_px=int(inter[z]), dice=float(_dice(inter[z], p[z], t[z]))))  # fmt: skip
+        i, ps, ts = int(inter.sum()), int(p.sum()), int(t.sum())
+        patients.append(dict(
+            patient=vol.patient, slices=len(vol.slices), tumour_slices=int((t > 0).sum()),
+            truth_px=ts, pred_px=ps, inter_px=i, dice=float(_dice(i, ps, ts)),
+            iou=i / (ps + ts - i) if ps + ts - i else 1.0,
+            precision=i / ps if ps else float(ts == 0), recall=i / ts if ts else float(ps == 0),
+        ))  # fmt: skip
+    return pd.DataFrame(patients), pd.DataFrame(slices)
+
+
+def bootstrap_ci(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple:
+    """Percentile bootstrap interval of the mean (resampling patients)."""
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(1)
+    return tuple(np.quantile(means, [(1 - level) / 2, (1 + level) / 2]).tolist())
+
+
+def summarise(patients, slices) -> dict:
+    """Every headline metric, each with one rule (see the docstrings of the tables above)."""
+    i, p, t = (patients[c].sum() for c in ("inter_px", "pred_px", "truth_px"))
+    tumour, empty = slices[slices.truth_px > 0], slices[slices.truth_px == 0]
+    lo, hi = bootstrap_ci(patients.dice)
+    metrics = {
+        "patient Dice mean": patients.dice.mean(),
+        "patient Dice median": patients.dice.median(),
+        "patient Dice 95% CI low": lo,
+        "patient Dice 95% CI high": hi,
+        "patient IoU mean": patients.iou.mean(),
+        "pooled Dice": 2 * i / (p + t),
+        "pooled IoU": i / (p + t - i),
+        "pooled precision": i / p if p else float("nan"),
+        "pooled recall": i / t,
+        "tumour-slice Dice mean": tumour.dice.mean(),
+        "empty slices": len(empty),
+        "empty slices with false positives": int((empty.pred_px > 0).sum()),
+        "slice detection sensitivity": (tumour.pred_px > 0).mean(),
+        "slice detection specificity": (empty.pred_px == 0).mean(),
+    }
+    return {name: float(value) for name, value in metrics.items()}
+
+
+def sweep_postprocessing(probs: dict, volumes: list[Volume], thresholds=(0.3, 0.4, 0.5, 0.6, 0.7),
+                         min_sizes=(0, 50, 200, 500), largest=(False, True)):  # fmt: skip
+    """Mean per-patient Dice for every threshold / min_size / keep_largest (run on validation)."""
+    import pandas as pd
+
+    rows = []
+    for threshold in thresholds:
+        for keep_largest in largest:
+            for min_size in min_sizes if not keep_largest else (0,):
+                table, _ = evaluate_patients(probs, volumes, threshold, min_size, keep_largest)
+                rows.append(dict(threshold=threshold, min_size=min_size,
+                                 keep_largest=keep_largest, dice=table.dice.mean()))  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- visualisation
+
+TRUTH_RGB, PRED_RGB = (0.0, 0.9, 0.0), (1.0, 0.1, 0.1)  # green truth, red prediction
+
+
+def overlay(image, mask=None, pred=None, channel: int | None = FLAIR, opacity: float = 0.35):
+    """RGB float (H, W, 3): one channel in grey (None: all three as RGB), masks tinted on top;
+    where truth and prediction overlap the tints mix to yellow."""
+    base = image.astype(np.float32) / max(float(image.max()), 1.0)
+    rgb = base if channel is None else np.repeat(base[..., channel : channel + 1], 3, axis=2)
+    tint = np.zeros_like(rgb)
+    for m, colour in ((mask, TRUTH_RGB), (pred, PRED_RGB)):
+        if m is not None:
+            tint += np.asarray(m, bool)[..., None] * np.array(colour, np.float32)
+    covered = tint.any(axis=2, keepdims=True)
+    return np.where(covered, (1 - opacity) * rgb + opacity * np.clip(tint, 0, 1), rgb)
+
+
+def draw_overlay(ax, image, mask=None, pred=None, channel=FLAIR, opacity=0.35, title=None):
+    """Draw overlay() on a matplotlib axis with outlines: truth green, prediction red."""
+    ax.imshow(overlay(image, mask, pred, channel, opacity))
+    for m, colour in ((mask, TRUTH_RGB), (pred, PRED_RGB)):
+        if m is not None and np.any(m):
+            ax.contour(np.asarray(m, np.float32), levels=[0.5], colors=[colour], linewidths=1)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def show_examples(volumes: list[Volume], n: int = 8, seed: int = 0, channel=None, cols=4):
+    """A grid of random tumour slices (one per patient) with the truth outlined."""
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(volumes), min(n, len(volumes)), replace=False)
+    rows = int(np.ceil(len(picks) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, v in zip(axes.flat, picks):
+        vol = volumes[v]
+        z = (
+            rng.choice(np.flatnonzero(vol.mask.any((1, 2))))
+            if vol.mask.any()
+            else len(vol.mask) // 2
+        )
+        draw_overlay(ax, vol.image[z], vol.mask[z], channel=channel,
+                     title=f"{vol.patient[:16]} slice {vol.slices[z]}")  # fmt: skip
+    fig.tight_layout()
+    return fig
+
+
+def plot_history(history: list[dict], axes=None):
+    """Training loss and validation Dice per epoch, side by side."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    epochs = [h["epoch"] for h in history]
+    axes[0].plot(epochs, [h["train_loss"] for h in history], "o-")
+    axes[0].set(xlabel="epoch", ylabel="training loss (BCE + Dice)", title="loss")
+    axes[1].plot(epochs, [h["val_dice"] for h in history], "o-", color="tab:green")
+    axes[1].set(
+        xlabel="epoch", ylabel="mean per-patient Dice", title="validation Dice", ylim=(0, 1)
+    )
+    return axes
+
+
+class LivePlot:
+    """on_epoch_end callback for train(): redraws plot_history in one notebook output."""
+
+    def __init__(self):
+        self.handle = None
+
+    def __call__(self, history: list[dict]) -> None:
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        axes = plot_history(history)
+        fig = axes[0].figure
+        if self.handle is None:
+            self.handle = display(fig, display_id=True)
+        else:
+            self.handle.update(fig)
+        plt.close(fig)
+
+
+def render_slice(image, mask=None, pred=None, channel=FLAIR, opacity=0.35, size=384) -> bytes:
+    """PNG bytes of overlay() with outlines, drawn with OpenCV (fast enough for a slider)."""
+    rgb = overlay(image, mask, pred, channel, opacity)
+    rgb = cv2.resize((rgb * 255).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+    for m, colour in ((mask, TRUTH_RGB), (pred, PRED_RGB)):
+        if m is not None and np.any(m):
+            big = cv2.resize(np.asarray(m, np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+            contours, _ = cv2.findContours(big, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(rgb, contours, -1, tuple(int(255 * c) for c in colour), 1)
+    return cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+def mask_viewer(volumes: list[Volume], probs: dict | None = None, model=None, pre=None,
+                threshold: float = 0.5):  # fmt: skip
+    """ipywidgets viewer: patient, slice, channel, truth/prediction, opacity and threshold.
+    Predictions come from `probs` ({patient: (D, H, W)}) or from `model` + `pre`, computed
+    once per patient. The returned VBox has `.controls` (a dict of its widgets) for tests."""
+    import ipywidgets as W
+
+    by_name = {v.patient: v for v in volumes}
+    cache = dict(probs or {})
+    has_pred = probs is not None or model is not None
+    c = {
+        "patient": W.Dropdown(options=list(by_name), description="patient"),
+        "slice": W.IntSlider(0, 0, 1, description="slice", continuous_update=True),
+        "jump": W.Button(description="next tumour slice", icon="forward"),
+        "channel": W.Dropdown(
+            options=[(n, i) for i, n in enumerate(CHANNELS)] + [("all three", None)],
+            value=FLAIR,
+            description="channel",
+        ),  # fmt: skip
+        "truth": W.Checkbox(True, description="truth (green)"),
+        "pred": W.Checkbox(has_pred, description="prediction (red)", disabled=not has_pred),
+        "opacity": W.FloatSlider(0.35, min=0.0, max=1.0, step=0.05, description="opacity"),
+        "threshold": W.FloatSlider(
+            threshold, min=0.05, max=0.95, step=0.05, description="threshold", disabled=not has_pred
+        ),  # fmt: skip
+        "label": W.Label(),
+        "image": W.Image(format="png", width=384, height=384),
+    }
+    for name, widget in c.items():
+        widget.add_class(f"viewer-{name}")
+
+    def probabilities(vol: Volume):
+        if vol.patient not in cache and model is not None:
+            cache[vol.patient] = predict_volume(model, vol, pre)
+        return cache.get(vol.patient)
+
+    def redraw(*_):
+        vol, z = by_name[c["patient"].value], c["slice"].value
+        prob = probabilities(vol) if has_pred else None
+        pred = None if prob is None else prob >= c["threshold"].value
+        show_pred = pred is not None and c["pred"].value
+        c["image"].value = render_slice(vol.image[z], vol.mask[z] if c["truth"].value else None,
+                                        pred[z] if show_pred else None, c["channel"].value,
+                                        c["opacity"].value)  # fmt: skip
+        text = f"{vol.patient} slice {vol.slices[z]} ({z + 1}/{len(vol.slices)}), tumour px {int(vol.mask[z].sum())}"
+        if pred is not None:
+            text += (f" | Dice slice {dice_score(pred[z], vol.mask[z]):.3f}, patient "
+                     f"{dice_score(pred, vol.mask):.3f} @ threshold {c['threshold'].value:.2f}")  # fmt: skip
+        c["label"].value = text
+
+    def new_patient(*_):
+        vol = by_name[c["patient"].value]
+        tumour = np.flatnonzero(vol.mask.any((1, 2)))
+        c["slice"].max = len(vol.slices) - 1
+        with c["slice"].hold_trait_notifications():
+            c["slice"].value = int(tumour[len(tumour) // 2]) if len(tumour) else 0
+        redraw()
+
+    def next_tumour(*_):
+        tumour = np.flatnonzero(by_name[c["patient"].value].mask.any((1, 2)))
+        later = tumour[tumour > c["slice"].value]
+        if len(tumour):
+            c["slice"].value = int(later[0] if len(later) else tumour[0])
+
+    c["patient"].observe(new_patient, "value")
+    c["jump"].on_click(next_tumour)
+    for name in ("slice", "channel", "truth", "pred", "opacity", "threshold"):
+        c[name].observe(redraw, "value")
+    new_patient()
+    controls = W.VBox([c["patient"], W.HBox([c["slice"], c["jump"]]), c["channel"],
+                       W.HBox([c["truth"], c["pred"]]), c["opacity"], c["threshold"]])  # fmt: skip
+    box = W.VBox([W.HBox([controls, c["image"]]), c["label"]])
+    box.controls = c
+    return box
 
 
 if __name__ == "__main__":
