@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -125,19 +126,23 @@ def make_synthetic_dataset(root: str | Path, n_patients: int = 20, seed: int = 0
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     target = root / "kaggle_3m"
-    staging = Path(tempfile.mkdtemp(prefix="kaggle_3m.", dir=root))  # atomic: rename at the end
-    for i in tqdm(range(n_patients), desc="synthetic patients", leave=False):
-        rng = np.random.default_rng([seed, i])
-        patient = f"SYN_P{i:03d}_{seed:04d}"
-        images, masks = _synthetic_patient(rng, depth=int(rng.integers(20, 36)))
-        folder = staging / patient
-        folder.mkdir()
-        for n, (image, mask) in enumerate(zip(images, masks), start=1):
-            cv2.imwrite(str(folder / f"{patient}_{n}.tif"), image[..., ::-1])  # RGB -> BGR
-            cv2.imwrite(str(folder / f"{patient}_{n}_mask.tif"), mask)
     if target.exists():
         raise DataError(f"{target} already exists: delete it to generate a new synthetic set")
-    staging.rename(target)
+    staging = Path(tempfile.mkdtemp(prefix="kaggle_3m.", dir=root))  # atomic: rename at the end
+    try:
+        for i in tqdm(range(n_patients), desc="synthetic patients", leave=False):
+            rng = np.random.default_rng([seed, i])
+            patient = f"SYN_P{i:03d}_{seed:04d}"
+            images, masks = _synthetic_patient(rng, depth=int(rng.integers(20, 36)))
+            folder = staging / patient
+            folder.mkdir()
+            for n, (image, mask) in enumerate(zip(images, masks), start=1):
+                cv2.imwrite(str(folder / f"{patient}_{n}.tif"), image[..., ::-1])  # RGB -> BGR
+                cv2.imwrite(str(folder / f"{patient}_{n}_mask.tif"), mask)
+        staging.rename(target)
+    except BaseException:  # Ctrl-C included: leave no half-written set behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return target
 
 
@@ -187,8 +192,8 @@ def split_by_patient(
     """Split records into train/val/test by patient: sorted ids, seeded shuffle, then cut."""
     patients = sorted({r.patient for r in records})
     random.Random(seed).shuffle(patients)
-    n_train = round(fractions[0] * len(patients))
-    n_val = round(fractions[1] * len(patients))
+    n_val = max(round(fractions[1] * len(patients)), 1 if len(patients) >= 3 else 0)
+    n_train = min(round(fractions[0] * len(patients)), len(patients) - n_val - (n_val > 0))
     groups = {
         "train": set(patients[:n_train]),
         "val": set(patients[n_train : n_train + n_val]),
@@ -268,6 +273,10 @@ def load_volumes(records: list[SliceRecord], progress: bool = True) -> list[Volu
     for patient, recs in tqdm(by_patient.items(), desc="loading", disable=not progress):
         recs = sorted(recs, key=lambda r: r.slice_index)
         pairs = [read_slice(r) for r in recs]
+        for r, (image, _) in zip(recs, pairs):
+            if image.shape != pairs[0][0].shape:
+                raise DataError(f"{r.image_path}: size {image.shape} differs from "
+                                f"{recs[0].image_path} {pairs[0][0].shape} of the same patient")  # fmt: skip
         images = np.stack([p[0] for p in pairs])
         masks = np.stack([p[1] for p in pairs])
         volumes.append(Volume(patient, [r.slice_index for r in recs], images, masks))
@@ -516,9 +525,10 @@ def dice_score(pred, target) -> float:
 
     Empty-mask rule, used everywhere in this project: both empty -> 1.0 (nothing to find,
     nothing found); a prediction on an empty mask, or an empty prediction on a tumour -> 0.0.
+    Any non-zero value counts as foreground: threshold probabilities first.
     """
-    pred = np.asarray(pred.cpu() if torch.is_tensor(pred) else pred).astype(bool)
-    target = np.asarray(target.cpu() if torch.is_tensor(target) else target).astype(bool)
+    pred = np.asarray(pred.detach().cpu() if torch.is_tensor(pred) else pred).astype(bool)
+    target = np.asarray(target.detach().cpu() if torch.is_tensor(target) else target).astype(bool)
     total = pred.sum() + target.sum()
     return 1.0 if total == 0 else float(2 * np.logical_and(pred, target).sum() / total)
 
@@ -542,6 +552,8 @@ def cpu_supports_bf16() -> bool:
 
 def pick_precision(device: torch.device, requested: str = "auto") -> str:
     """ "bf16" where the hardware runs it natively (measured 2-3x faster on such CPUs), else "fp32"."""
+    if requested not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', not {requested!r}")
     if requested != "auto":
         return requested
     if device.type == "cuda":
@@ -584,6 +596,9 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -645,24 +660,30 @@ def validate(model, volumes: list[PreparedVolume], precision="auto") -> float:
     )
 
 
+def train_step(model, optimizer, x, y, precision: str, dice_weight: float = 1.0) -> float:
+    """One optimisation step on a batch x (B, 3, S, S), y (B, 1, S, S); returns the loss."""
+    device = next(model.parameters()).device
+    x, y = x.to(device), y.to(device)
+    if precision == "bf16":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, precision):
+        logits = model(x)
+    loss = bce_dice_loss(logits, y, dice_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def _train_one_epoch(model, loader, optimizer, scheduler, precision, dice_weight, progress):
     """One pass over the loader; returns the mean training loss."""
-    device = next(model.parameters()).device
     model.train()
     total, seen = 0.0, 0
     bar = tqdm(loader, desc="batches", leave=False, disable=not progress)
-    for x, y in bar:  # x: (B, 3, S, S), y: (B, 1, S, S)
-        x, y = x.to(device), y.to(device)
-        if precision == "bf16":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            logits = model(x)
-        loss = bce_dice_loss(logits, y, dice_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    for x, y in bar:
+        total += train_step(model, optimizer, x, y, precision, dice_weight) * len(x)
+        seen += len(x)
         scheduler.step()
-        total, seen = total + loss.item() * len(x), seen + len(x)
         bar.set_postfix(loss=f"{total / seen:.3f}")
     return total / seen
 
@@ -687,6 +708,8 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
           on_epoch_end=None, progress=True) -> list[dict]:  # fmt: skip
     """Train with Adam + one-cycle; keep best.pt (validation Dice) and last.pt (resume)."""
     config, pre, run_dir = config or TrainConfig(), pre or Preprocess(), Path(run_dir)
+    if not val_volumes:
+        raise ValueError("train() needs at least one validation volume to choose the best epoch")
     device = next(model.parameters()).device
     precision = pick_precision(device, config.precision)
     if precision == "bf16":
@@ -694,7 +717,9 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps = config.epochs * (len(train_set) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=steps)
-    history = _resume(run_dir / "last.pt", model, optimizer, scheduler, config) if resume else []
+    history = (
+        _resume(run_dir / "last.pt", model, optimizer, scheduler, config, pre) if resume else []
+    )
     weights = tumour_weights(train_set) if config.tumour_sampling else None
     epochs = tqdm(range(len(history), config.epochs), desc=f"training ({precision})",
                   initial=len(history), total=config.epochs, disable=not progress)  # fmt: skip
@@ -738,12 +763,15 @@ def _save_run(run_dir, model, optimizer, scheduler, config, pre, history, precis
     os.replace(tmp, run_dir / "history.json")
 
 
-def _resume(path: Path, model, optimizer, scheduler, config: TrainConfig) -> list[dict]:
+def _resume(path: Path, model, optimizer, scheduler, config: TrainConfig, pre) -> list[dict]:
     """Restore model, optimiser, schedule and RNG from last.pt; return its history."""
     if not path.exists():
         print(f"nothing to resume at {path}: starting a new run")
         return []
     state = read_checkpoint(path)
+    if state["model_config"] != model.config or state["preprocess"] != asdict(pre):
+        raise CheckpointError(f"{path} holds a model {state['model_config']} with preprocessing "
+                              f"{state['preprocess']}: build the same, or use a new run folder")  # fmt: skip
     if state["train_config"] != asdict(config):
         raise CheckpointError(f"{path} was trained with {state['train_config']}, not {asdict(config)}: "
                               "use the same parameters, or a new run folder")  # fmt: skip
@@ -920,7 +948,7 @@ def show_examples(volumes: list[Volume], n: int = 8, seed: int = 0, channel=None
             else len(vol.mask) // 2
         )
         draw_overlay(ax, vol.image[z], vol.mask[z], channel=channel,
-                     title=f"{vol.patient[:16]} slice {vol.slices[z]}")  # fmt: skip
+                     title=f"{vol.patient} slice {vol.slices[z]}")  # fmt: skip
     fig.tight_layout()
     return fig
 
@@ -979,6 +1007,8 @@ def mask_viewer(volumes: list[Volume], probs: dict | None = None, model=None, pr
     once per patient. The returned VBox has `.controls` (a dict of its widgets) for tests."""
     import ipywidgets as W
 
+    if model is not None and pre is None:
+        raise ValueError("mask_viewer(model=...) needs pre= too: take both from load_checkpoint")
     by_name = {v.patient: v for v in volumes}
     cache = dict(probs or {})
     has_pred = probs is not None or model is not None
@@ -987,12 +1017,14 @@ def mask_viewer(volumes: list[Volume], probs: dict | None = None, model=None, pr
         "slice": W.IntSlider(0, 0, 1, description="slice", continuous_update=True),
         "jump": W.Button(description="next tumour slice", icon="forward"),
         "channel": W.Dropdown(
-            options=[(n, i) for i, n in enumerate(CHANNELS)] + [("all three", None)],
+            options=[(n, i) for i, n in enumerate(CHANNELS)] + [("all three", -1)],
             value=FLAIR,
             description="channel",
         ),  # fmt: skip
-        "truth": W.Checkbox(True, description="truth (green)"),
-        "pred": W.Checkbox(has_pred, description="prediction (red)", disabled=not has_pred),
+        "truth": W.Checkbox(True, description="truth (green)", indent=False),
+        "pred": W.Checkbox(
+            has_pred, description="prediction (red)", disabled=not has_pred, indent=False
+        ),
         "opacity": W.FloatSlider(0.35, min=0.0, max=1.0, step=0.05, description="opacity"),
         "threshold": W.FloatSlider(
             threshold, min=0.05, max=0.95, step=0.05, description="threshold", disabled=not has_pred
@@ -1014,7 +1046,8 @@ def mask_viewer(volumes: list[Volume], probs: dict | None = None, model=None, pr
         pred = None if prob is None else prob >= c["threshold"].value
         show_pred = pred is not None and c["pred"].value
         c["image"].value = render_slice(vol.image[z], vol.mask[z] if c["truth"].value else None,
-                                        pred[z] if show_pred else None, c["channel"].value,
+                                        pred[z] if show_pred else None,
+                                        None if c["channel"].value < 0 else c["channel"].value,
                                         c["opacity"].value)  # fmt: skip
         text = f"{vol.patient} slice {vol.slices[z]} ({z + 1}/{len(vol.slices)}), tumour px {int(vol.mask[z].sum())}"
         if pred is not None:
@@ -1025,9 +1058,12 @@ def mask_viewer(volumes: list[Volume], probs: dict | None = None, model=None, pr
     def new_patient(*_):
         vol = by_name[c["patient"].value]
         tumour = np.flatnonzero(vol.mask.any((1, 2)))
-        c["slice"].max = len(vol.slices) - 1
-        with c["slice"].hold_trait_notifications():
+        c["slice"].unobserve(redraw, "value")  # one redraw below, not one per change
+        try:
+            c["slice"].max = len(vol.slices) - 1  # may clamp the old value
             c["slice"].value = int(tumour[len(tumour) // 2]) if len(tumour) else 0
+        finally:
+            c["slice"].observe(redraw, "value")
         redraw()
 
     def next_tumour(*_):

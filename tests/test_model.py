@@ -1,0 +1,405 @@
+"""Model, losses, metrics, training, resuming and checkpoints of seg_utils."""
+
+import copy
+import json
+import re
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import seg_utils as su
+from seg_utils import CheckpointError
+
+CONFIG = su.TrainConfig(epochs=4, batch_size=8, precision="fp32")
+PRE = su.Preprocess(size=64)
+DICE_FLOOR = 0.6  # measured (1 thread): validation Dice 0.85, 0.90, 0.82, 0.89 over 4 epochs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the same numbers on any machine, and no OpenMP oversubscription
+    (with 2 threads on 2 busy cores an epoch took 20-50 s instead of ~1 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def synthetic_set(tmp_path_factory, n_patients: int, seed: int) -> Path:
+    """A synthetic kaggle_3m folder, generated once per test session (cached in basetemp)."""
+    root = tmp_path_factory.getbasetemp() / f"synthetic-{n_patients}-{seed}"
+    if not (root / "kaggle_3m").is_dir():  # make_synthetic_dataset renames into place at the end
+        su.make_synthetic_dataset(root, n_patients=n_patients, seed=seed)
+    return root / "kaggle_3m"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """8 synthetic patients split by patient: (train SliceDataset, val PreparedVolumes)."""
+    records = su.scan_dataset(synthetic_set(tmp_path_factory, 8, 0))
+    split = su.split_by_patient(records, seed=0)
+    assert split["train"] and split["val"]
+    train_set = su.SliceDataset.from_records(
+        split["train"], PRE, su.train_transform(seed=0), progress=False
+    )
+    val = su.prepare_volumes(su.load_volumes(split["val"], progress=False), PRE)
+    return train_set, val
+
+
+def new_model(seed: int) -> su.UNet:
+    su.seed_everything(seed)
+    return su.UNet(base_width=8, depth=3)
+
+
+@pytest.fixture(scope="module")
+def run_a(data, tmp_path_factory):
+    """CONFIG.epochs epochs straight through; returns what the tests compare against."""
+    train_set, val = data
+    run_dir = tmp_path_factory.mktemp("run_a")
+    model = new_model(0)
+    history = su.train(model, train_set, val, run_dir, CONFIG, PRE, progress=False)
+    return dict(
+        model=model,
+        history=history,
+        run_dir=run_dir,
+        state=copy.deepcopy(model.state_dict()),
+    )
+
+
+def without_time(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("size", [64, 128, 96])
+@pytest.mark.parametrize("width", [4, 8])
+@pytest.mark.parametrize("depth", [3, 4])
+def test_unet_output_shape(size, width, depth):
+    model = su.UNet(base_width=width, depth=depth).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 1, size, size)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert model.config == dict(in_channels=3, out_channels=1, base_width=width, depth=depth)
+
+
+def test_unet_non_square_and_train_mode():
+    model = su.UNet(base_width=4, depth=3)
+    out = model(torch.randn(2, 3, 32, 48))
+    assert out.shape == (2, 1, 32, 48)
+    out.mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_unet_rejects_indivisible_size():
+    model = su.UNet(base_width=4, depth=4).eval()
+    with pytest.raises(ValueError, match=r"\(100, 100\).*divisible by 16"):
+        model(torch.randn(1, 3, 100, 100))
+
+
+def test_count_parameters():
+    n = su.count_parameters(su.UNet(base_width=16, depth=4))
+    assert 1.93e6 < n < 1.95e6, n
+    model = su.UNet(base_width=4, depth=3)
+    total = sum(p.numel() for p in model.parameters())
+    model.head.weight.requires_grad_(False)
+    assert su.count_parameters(model) == total - model.head.weight.numel()
+
+
+# ----------------------------------------------------------------------------- Dice
+
+
+def test_dice_hand_made_cases():
+    a = np.zeros((4, 4), bool)
+    a[:2, :2] = True  # 4 pixels
+    disjoint = np.zeros_like(a)
+    disjoint[2:, 2:] = True
+    half = np.zeros_like(a)
+    half[:2, 1:3] = True  # 4 pixels, 2 of them shared with a
+    small = np.zeros_like(a)
+    small[0, :2] = True  # 2 pixels, both inside a
+    empty = np.zeros_like(a)
+    assert su.dice_score(a, a) == 1.0
+    assert su.dice_score(a, disjoint) == 0.0
+    assert su.dice_score(empty, empty) == 1.0
+    assert su.dice_score(a, empty) == 0.0  # prediction on an empty mask
+    assert su.dice_score(empty, a) == 0.0  # nothing found on a tumour
+    assert su.dice_score(half, a) == pytest.approx(2 * 2 / (4 + 4))  # 0.5
+    assert su.dice_score(small, a) == pytest.approx(2 * 2 / (2 + 4))  # 2/3
+    assert isinstance(su.dice_score(a, a), float)
+
+
+def test_dice_inputs_torch_numpy_and_dtypes():
+    a = np.zeros((2, 8, 8), np.uint8)
+    b = np.zeros((2, 8, 8), np.uint8)
+    a[0, :4], b[0, 2:6] = 1, 1  # 32 and 32 pixels, 16 shared
+    expected = 2 * 16 / 64
+    assert su.dice_score(a, b) == pytest.approx(expected)
+    assert su.dice_score(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(expected)
+    assert su.dice_score(torch.from_numpy(a).bool(), b) == pytest.approx(expected)
+    assert su.dice_score(a.astype(np.float32), torch.from_numpy(b).float()) == pytest.approx(
+        expected
+    )
+    assert su.dice_score(a * 255, b) == pytest.approx(expected)  # any non-zero is foreground
+
+
+def test_dice_random_masks_match_numpy():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        shape = tuple(rng.integers(1, 20, rng.integers(1, 4)))
+        pred, truth = rng.random(shape) < rng.random(), rng.random(shape) < rng.random()
+        total = pred.sum() + truth.sum()
+        expected = 1.0 if total == 0 else 2 * (pred & truth).sum() / total
+        assert su.dice_score(pred, truth) == pytest.approx(expected)
+        assert su.dice_score(torch.from_numpy(pred), torch.from_numpy(truth)) == pytest.approx(
+            expected
+        )
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+@pytest.fixture
+def target():
+    t = torch.zeros(4, 1, 16, 16)
+    t[:2, :, 4:10, 3:12] = 1
+    return t
+
+
+def test_losses_perfect_logits_near_zero(target):
+    perfect = 20 * (2 * target - 1)
+    random_logits = torch.randn(target.shape, generator=torch.Generator().manual_seed(0))
+    assert su.bce_dice_loss(perfect, target).item() < 1e-3
+    assert su.soft_dice_loss(perfect, target).item() < 1e-3
+    assert su.bce_dice_loss(random_logits, target) > su.bce_dice_loss(perfect, target) + 0.5
+    assert su.soft_dice_loss(random_logits, target) > su.soft_dice_loss(perfect, target) + 0.3
+    assert su.bce_dice_loss(-perfect, target) > su.bce_dice_loss(random_logits, target)
+
+
+def test_bce_part_matches_torch(target):
+    logits = torch.randn(target.shape, generator=torch.Generator().manual_seed(1))
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    assert torch.allclose(su.bce_dice_loss(logits, target, dice_weight=0), bce)
+    combined = bce + 0.5 * su.soft_dice_loss(logits, target)
+    assert torch.allclose(su.bce_dice_loss(logits, target, dice_weight=0.5), combined)
+    prob = torch.sigmoid(logits)
+    dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
+    assert torch.allclose(su.soft_dice_loss(logits, target), dice)
+
+
+def test_losses_stable_for_huge_logits(target):
+    for scale in (1e4, -1e4):
+        logits = (scale * (2 * target - 1)).requires_grad_()
+        loss = su.bce_dice_loss(logits, target)
+        assert torch.isfinite(loss)
+        loss.backward()
+        assert torch.isfinite(logits.grad).all()
+    wrong = (-1e4 * (2 * target - 1)).requires_grad_()
+    assert su.bce_dice_loss(wrong, target).item() > 100  # confidently wrong: large, finite
+
+
+def test_losses_gradient_flows(target):
+    logits = torch.zeros(target.shape, requires_grad=True)
+    su.bce_dice_loss(logits, target).backward()
+    grad = logits.grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert (grad[target == 1] < 0).all() and (grad[target == 0] > 0).all()  # raise where tumour
+
+
+def test_losses_accept_bf16_logits(target):
+    logits = torch.randn(target.shape, generator=torch.Generator().manual_seed(2))
+    loss = su.bce_dice_loss(logits.bfloat16(), target)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(su.bce_dice_loss(logits, target).item(), abs=0.02)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_training_learns(run_a, data):
+    history = run_a["history"]
+    assert [h["epoch"] for h in history] == list(range(1, CONFIG.epochs + 1))
+    untrained = su.validate(new_model(0), data[1], "fp32")
+    best = max(h["val_dice"] for h in history)
+    assert best > DICE_FLOOR, history
+    assert best > untrained + 0.3, (untrained, history)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert all(np.isfinite(h["train_loss"]) for h in history)
+    assert history[-1]["lr"] < history[0]["lr"]  # one-cycle anneals to ~0 at the end
+
+
+def test_training_writes_run_files(run_a, data):
+    run_dir, history = run_a["run_dir"], run_a["history"]
+    for name in ("best.pt", "last.pt", "history.json"):
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.glob("*.tmp"))
+    assert json.loads((run_dir / "history.json").read_text()) == history
+
+    last = su.read_checkpoint(run_dir / "last.pt")
+    assert last["format"] == su.CHECKPOINT_FORMAT
+    assert last["epoch"] == CONFIG.epochs
+    assert last["train_config"] == vars(CONFIG)
+    assert last["preprocess"] == vars(PRE)
+    assert last["precision"] == "fp32"
+
+    x = torch.stack([data[0][i][0] for i in range(8)])
+    model, pre, state = su.load_checkpoint(run_dir / "last.pt", torch.device("cpu"))
+    assert not model.training and not any(m.training for m in model.modules())
+    assert pre == PRE and state["epoch"] == CONFIG.epochs
+    trained = run_a["model"].eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), trained(x), atol=1e-6)
+
+    best_model, _, best_state = su.load_checkpoint(run_dir / "best.pt", torch.device("cpu"))
+    assert not best_model.training
+    best_dice = max(h["val_dice"] for h in history)
+    assert best_state["history"][-1]["val_dice"] == best_dice
+    assert su.validate(best_model, data[1], "fp32") == pytest.approx(best_dice, abs=1e-6)
+    if best_state["epoch"] == CONFIG.epochs:
+        with torch.no_grad():
+            assert torch.allclose(best_model(x), trained(x), atol=1e-6)
+
+
+def test_resume_equals_uninterrupted_run(run_a, data, tmp_path):
+    train_set, val = data
+    stop_after = 2
+
+    def interrupt(history):
+        if len(history) == stop_after:
+            raise KeyboardInterrupt
+
+    first = su.train(new_model(0), train_set, val, tmp_path, CONFIG, PRE,
+                     on_epoch_end=interrupt, progress=False)  # fmt: skip
+    assert len(first) == stop_after
+    assert su.read_checkpoint(tmp_path / "last.pt")["epoch"] == stop_after
+    assert without_time(first) == without_time(run_a["history"][:stop_after])
+
+    model = new_model(123)  # a different initialisation: resume must overwrite it all
+    history = su.train(model, train_set, val, tmp_path, CONFIG, PRE, resume=True, progress=False)
+    assert without_time(history) == without_time(run_a["history"])
+    state = model.state_dict()
+    assert state.keys() == run_a["state"].keys()
+    for key, value in run_a["state"].items():
+        assert torch.allclose(state[key].float(), value.float(), atol=1e-6), key
+    saved = json.loads((tmp_path / "history.json").read_text())
+    assert without_time(saved) == without_time(run_a["history"])
+
+
+def test_resume_with_other_config_refused(run_a, data, tmp_path):
+    last = tmp_path / "last.pt"
+    last.write_bytes((run_a["run_dir"] / "last.pt").read_bytes())
+    other = su.TrainConfig(epochs=4, batch_size=8, precision="fp32", lr=1e-3)
+    with pytest.raises(CheckpointError, match=re.escape(str(last))):
+        su.train(new_model(0), data[0], data[1], tmp_path, other, PRE, resume=True, progress=False)
+
+
+def test_resume_without_checkpoint_starts_fresh(data, tmp_path):
+    config = su.TrainConfig(epochs=1, batch_size=8, precision="fp32")
+    history = su.train(new_model(0), data[0], data[1], tmp_path, config, PRE, resume=True,
+                       progress=False)  # fmt: skip
+    assert [h["epoch"] for h in history] == [1]
+
+
+def test_train_without_validation_refused(data, tmp_path):
+    with pytest.raises(ValueError, match="validation"):
+        su.train(new_model(0), data[0], [], tmp_path, CONFIG, PRE, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def small_state():
+    return dict(format=su.CHECKPOINT_FORMAT, weights=torch.arange(1000.0), epoch=1)
+
+
+def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt" / "last.pt"
+    su.save_checkpoint(small_state(), path)
+    assert su.read_checkpoint(path)["epoch"] == 1
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(su.torch, "save", broken_save)
+    state = small_state()
+    state["epoch"] = 2
+    with pytest.raises(OSError, match="disk full"):
+        su.save_checkpoint(state, path)
+    monkeypatch.undo()
+    loaded = su.read_checkpoint(path)
+    assert loaded["epoch"] == 1 and torch.equal(loaded["weights"], torch.arange(1000.0))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no *.tmp left
+
+
+def test_checkpoint_file_mode_like_any_other_file(tmp_path):
+    """best.pt should be as readable as history.json (umask), not 0600 from mkstemp."""
+    path = tmp_path / "best.pt"
+    su.save_checkpoint(small_state(), path)
+    plain = tmp_path / "history.json"
+    plain.write_text("[]")
+    assert oct(stat.S_IMODE(path.stat().st_mode)) == oct(stat.S_IMODE(plain.stat().st_mode))
+
+
+def test_missing_checkpoint(tmp_path):
+    path = tmp_path / "runs" / "best.pt"
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*notebook 03"):
+        su.read_checkpoint(path)
+    with pytest.raises(CheckpointError, match="notebook 03"):
+        su.load_checkpoint(path)
+
+
+def test_truncated_checkpoint(run_a, tmp_path):
+    data = (run_a["run_dir"] / "last.pt").read_bytes()
+    path = tmp_path / "best.pt"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        su.load_checkpoint(path)
+
+
+class Foreign:
+    pass
+
+
+@pytest.mark.parametrize("kind", ["plain dict", "list", "text", "empty", "pickled object"])
+def test_foreign_checkpoint(tmp_path, kind):
+    path = tmp_path / "model.pt"
+    if kind == "plain dict":
+        torch.save({"model_state": {}, "epoch": 3}, path)
+    elif kind == "list":
+        torch.save([1, 2, 3], path)
+    elif kind == "text":
+        path.write_text("these are not the weights you are looking for\n")
+    elif kind == "empty":
+        path.touch()
+    else:
+        torch.save(Foreign(), path)
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        su.read_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def test_pick_precision(monkeypatch):
+    cpu = torch.device("cpu")
+    assert su.pick_precision(cpu, "fp32") == "fp32"
+    assert su.pick_precision(cpu, "bf16") == "bf16"
+    expected = "bf16" if su.cpu_supports_bf16() else "fp32"
+    assert su.pick_precision(cpu) == su.pick_precision(cpu, "auto") == expected
+    for supported, answer in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(su, "cpu_supports_bf16", lambda supported=supported: supported)
+        assert su.pick_precision(cpu, "auto") == answer
+        assert su.pick_precision(cpu, "fp32") == "fp32"
+
+
+def test_cpu_supports_bf16_reads_cpu_flags():
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    assert su.cpu_supports_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
