@@ -625,7 +625,10 @@ def load_checkpoint(path: str | Path, device: torch.device | None = None):
     state = read_checkpoint(path)
     model = UNet(**state["model_config"])
     model.load_state_dict(state["model_state"])
-    model.to(device or pick_device()).eval()
+    device = device or pick_device()
+    if pick_precision(device) == "bf16":
+        model.to(memory_format=torch.channels_last)  # the fast bf16 inference path
+    model.to(device).eval()
     return model, Preprocess(**state["preprocess"]), state
 
 
@@ -645,7 +648,9 @@ def predict_prepared(model, volume: PreparedVolume, precision="auto", tta=False,
     with torch.no_grad(), autocast(device, precision):
         for start in range(0, len(volume.image), batch_size):
             x = normalise(volume.image[start : start + batch_size], volume.norm)  # (b, S, S, 3)
-            x = torch.from_numpy(x).permute(0, 3, 1, 2).to(device)  # (b, 3, S, S) channels-last
+            x = torch.from_numpy(x).permute(0, 3, 1, 2).to(device)  # (b, 3, S, S) view of NHWC
+            if precision == "bf16":
+                x = x.contiguous(memory_format=torch.channels_last)
             prob = torch.sigmoid(model(x).float())
             if tta:
                 prob = (prob + torch.sigmoid(model(x.flip(-1)).float()).flip(-1)) / 2
@@ -716,6 +721,8 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
         model.to(memory_format=torch.channels_last)  # oneDNN's fast bf16 path wants NHWC
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps = config.epochs * (len(train_set) // config.batch_size)
+    if steps == 0:
+        raise ValueError(f"{len(train_set)} training slices < batch size {config.batch_size}")
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=steps)
     history = (
         _resume(run_dir / "last.pt", model, optimizer, scheduler, config, pre) if resume else []
@@ -883,7 +890,7 @@ def summarise(patients, slices) -> dict:
         "slice detection sensitivity": (tumour.pred_px > 0).mean(),
         "slice detection specificity": (empty.pred_px == 0).mean(),
     }
-    return {name: float(value) for name, value in metrics.items()}
+    return {k: int(v) if k.startswith("empty") else float(v) for k, v in metrics.items()}
 
 
 def sweep_postprocessing(probs: dict, volumes: list[Volume], thresholds=(0.3, 0.4, 0.5, 0.6, 0.7),
@@ -909,7 +916,7 @@ TRUTH_RGB, PRED_RGB = (0.0, 0.9, 0.0), (1.0, 0.1, 0.1)  # green truth, red predi
 def overlay(image, mask=None, pred=None, channel: int | None = FLAIR, opacity: float = 0.35):
     """RGB float (H, W, 3): one channel in grey (None: all three as RGB), masks tinted on top;
     where truth and prediction overlap the tints mix to yellow."""
-    base = image.astype(np.float32) / max(float(image.max()), 1.0)
+    base = image.astype(np.float32) / np.maximum(image.reshape(-1, 3).max(0), 1.0)  # per channel
     rgb = base if channel is None else np.repeat(base[..., channel : channel + 1], 3, axis=2)
     tint = np.zeros_like(rgb)
     for m, colour in ((mask, TRUTH_RGB), (pred, PRED_RGB)):
@@ -956,6 +963,7 @@ def show_examples(volumes: list[Volume], n: int = 8, seed: int = 0, channel=None
 def plot_history(history: list[dict], axes=None):
     """Training loss and validation Dice per epoch, side by side."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -966,6 +974,8 @@ def plot_history(history: list[dict], axes=None):
     axes[1].set(
         xlabel="epoch", ylabel="mean per-patient Dice", title="validation Dice", ylim=(0, 1)
     )
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return axes
 
 
