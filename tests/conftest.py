@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+import seg_utils as su
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # Headless, non-interactive plotting in tests. Subprocesses inherit this: drop it from the env of
 # any Voila/Jupyter kernel a test starts, or its matplotlib figures will not be displayed.
@@ -20,3 +22,16 @@ def lgg_dir() -> Path:
     if not (path / "split.json").is_file():
         pytest.skip(f"real LGG archives not present at {path} (no split.json)")
     return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_set(tmp_path_factory):
+    """Factory: synthetic_set(n_patients, seed) -> a kaggle_3m folder, generated once a session."""
+
+    def make(n_patients: int, seed: int = 0) -> Path:
+        root = tmp_path_factory.getbasetemp() / f"synthetic-{n_patients}-{seed}"
+        if not (root / "kaggle_3m").is_dir():  # make_synthetic_dataset renames into place
+            su.make_synthetic_dataset(root, n_patients=n_patients, seed=seed)
+        return root / "kaggle_3m"
+
+    return make

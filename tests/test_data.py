@@ -17,18 +17,10 @@ import seg_utils as su
 from seg_utils import DataError, SliceRecord
 
 
-def synthetic_set(tmp_path_factory, n_patients: int, seed: int) -> Path:
-    """A synthetic kaggle_3m folder, generated once per test session (cached in basetemp)."""
-    root = tmp_path_factory.getbasetemp() / f"synthetic-{n_patients}-{seed}"
-    if not (root / "kaggle_3m").is_dir():  # make_synthetic_dataset renames into place at the end
-        su.make_synthetic_dataset(root, n_patients=n_patients, seed=seed)
-    return root / "kaggle_3m"
-
-
 @pytest.fixture(scope="module")
-def synth8(tmp_path_factory) -> Path:
+def synth8(synthetic_set) -> Path:
     """8 synthetic patients, seed 0 (the same folder test_model.py trains on)."""
-    return synthetic_set(tmp_path_factory, 8, 0)
+    return synthetic_set(8, 0)
 
 
 @pytest.fixture(scope="module")

@@ -29,18 +29,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def synthetic_set(tmp_path_factory, n_patients: int, seed: int) -> Path:
-    """A synthetic kaggle_3m folder, generated once per test session (cached in basetemp)."""
-    root = tmp_path_factory.getbasetemp() / f"synthetic-{n_patients}-{seed}"
-    if not (root / "kaggle_3m").is_dir():  # make_synthetic_dataset renames into place at the end
-        su.make_synthetic_dataset(root, n_patients=n_patients, seed=seed)
-    return root / "kaggle_3m"
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(synthetic_set):
     """8 synthetic patients split by patient: (train SliceDataset, val PreparedVolumes)."""
-    records = su.scan_dataset(synthetic_set(tmp_path_factory, 8, 0))
+    records = su.scan_dataset(synthetic_set(8, 0))
     split = su.split_by_patient(records, seed=0)
     assert split["train"] and split["val"]
     train_set = su.SliceDataset.from_records(

@@ -1,0 +1,144 @@
+"""Evaluation: metrics on hand-made volumes with known answers, post-processing, the sweep."""
+
+import numpy as np
+import pytest
+
+import seg_utils as su
+
+
+def volume(name: str, mask: np.ndarray) -> su.Volume:
+    """A Volume with a blank image around a hand-made (D, H, W) mask."""
+    image = np.zeros((*mask.shape, 3), np.uint8)
+    return su.Volume(name, list(range(1, len(mask) + 1)), image, mask.astype(np.uint8))
+
+
+@pytest.fixture
+def two_patients():
+    """Patient A: a 2x10x10 tumour on slices 0-1 of 3, predicted exactly, plus a 5-px false
+    positive on the empty slice 2. Patient B: a 10x10 tumour on slice 0, half of it predicted."""
+    a = np.zeros((3, 32, 32))
+    a[0:2, 5:15, 5:15] = 1
+    pred_a = a.copy()
+    pred_a[2, 20, 20:25] = 1
+    b = np.zeros((2, 32, 32))
+    b[0, 5:15, 5:15] = 1
+    pred_b = np.zeros_like(b)
+    pred_b[0, 5:10, 5:15] = 1
+    volumes = [volume("A", a), volume("B", b)]
+    probs = {"A": pred_a * 0.9, "B": pred_b * 0.9}
+    return volumes, probs
+
+
+def test_patient_dice_pooled_and_per_slice_known_answers(two_patients):
+    volumes, probs = two_patients
+    patients, slices = su.evaluate_patients(probs, volumes, threshold=0.5)
+    a, b = patients.set_index("patient").loc[["A", "B"]].itertuples()
+    assert a.dice == pytest.approx(2 * 200 / (205 + 200))  # exact tumour + 5 false-positive px
+    assert b.dice == pytest.approx(2 * 50 / (50 + 100))  # half of the tumour found
+    assert b.precision == 1.0 and b.recall == pytest.approx(0.5)
+    assert a.iou == pytest.approx(200 / 205)
+    summary = su.summarise(patients, slices)
+    assert summary["patient Dice mean"] == pytest.approx((a.dice + b.dice) / 2)
+    assert summary["pooled Dice"] == pytest.approx(2 * 250 / (255 + 300))
+    # per-slice Dice over tumour slices only: A's two perfect slices and B's half slice
+    assert summary["tumour-slice Dice mean"] == pytest.approx((1 + 1 + 2 / 3) / 3)
+    assert summary["pooled Dice"] != pytest.approx(summary["patient Dice mean"])
+    assert summary["empty slices"] == 2  # A's slice 2 and B's slice 1
+    assert summary["empty slices with false positives"] == 1
+    assert summary["slice detection sensitivity"] == 1.0
+    assert summary["slice detection specificity"] == 0.5
+
+
+def test_slice_table_follows_the_empty_mask_rule(two_patients):
+    volumes, probs = two_patients
+    _, slices = su.evaluate_patients(probs, volumes, threshold=0.5)
+    by_key = slices.set_index(["patient", "slice"]).dice
+    assert by_key[("A", 3)] == 0.0  # prediction on an empty slice
+    assert by_key[("B", 2)] == 1.0  # empty truth, empty prediction
+    for row in slices.itertuples():  # the table agrees with dice_score everywhere
+        vol = next(v for v in volumes if v.patient == row.patient)
+        z = vol.slices.index(row.slice)
+        assert row.dice == pytest.approx(su.dice_score(probs[row.patient][z] >= 0.5, vol.mask[z]))
+
+
+def test_postprocessing_removes_small_blobs_and_keeps_largest():
+    binary = np.zeros((3, 20, 20), bool)
+    binary[0:2, 2:8, 2:8] = True  # 72 voxels
+    binary[2, 15:17, 15:17] = True  # 4 voxels, not touching
+    assert su.postprocess(binary).sum() == 76
+    assert su.postprocess(binary, min_size=10).sum() == 72
+    assert su.postprocess(binary, keep_largest=True).sum() == 72
+    assert su.postprocess(binary, min_size=100).sum() == 0
+    assert not su.postprocess(np.zeros((2, 5, 5), bool)).any()
+
+
+def test_post_processing_changes_the_score(two_patients):
+    volumes, probs = two_patients
+    plain, _ = su.evaluate_patients(probs, volumes, 0.5)
+    cleaned, _ = su.evaluate_patients(probs, volumes, 0.5, min_size=10)
+    assert cleaned.set_index("patient").dice["A"] == 1.0 > plain.set_index("patient").dice["A"]
+
+
+def test_bootstrap_interval_contains_the_mean():
+    values = np.random.default_rng(1).uniform(0.4, 1.0, 22)
+    lo, hi = su.bootstrap_ci(values)
+    assert lo < values.mean() < hi
+    assert su.bootstrap_ci(values) == (lo, hi)  # seeded
+    assert su.bootstrap_ci([0.8] * 5) == pytest.approx((0.8, 0.8))
+
+
+def test_choice_made_on_one_split_is_applied_unchanged_to_the_other():
+    """Validation has a false-positive speck that a min_size removes; the sweep picks that
+    setting, and the test split is scored with exactly those values."""
+    rng = np.random.default_rng(0)
+
+    def patient(name, speck):
+        mask = np.zeros((4, 32, 32))
+        mask[1:3, 8:20, 8:20] = 1
+        prob = np.clip(mask * 0.8 + rng.uniform(0, 0.1, mask.shape), 0, 1)
+        if speck:
+            prob[0, 28:30, 28:30] = 0.95
+        return volume(name, mask), prob
+
+    val = [patient("V1", True), patient("V2", True)]
+    test = [patient("T1", False), patient("T2", True)]
+    sweep = su.sweep_postprocessing({v.patient: p for v, p in val}, [v for v, _ in val],
+                                    thresholds=(0.5, 0.9), min_sizes=(0, 10))  # fmt: skip
+    best = sweep.loc[sweep.dice.idxmax()]
+    assert (best.threshold, best.min_size) == (0.5, 10) or bool(best.keep_largest)
+    assert best.dice == 1.0
+    chosen = dict(threshold=float(best.threshold), min_size=int(best.min_size),
+                  keep_largest=bool(best.keep_largest))  # fmt: skip
+    test_probs = {v.patient: p for v, p in test}
+    patients, _ = su.evaluate_patients(test_probs, [v for v, _ in test], **chosen)
+    direct = [
+        su.dice_score(
+            su.postprocess(p >= chosen["threshold"], chosen["min_size"], chosen["keep_largest"]),
+            v.mask,
+        )  # fmt: skip
+        for v, p in test
+    ]
+    assert patients.dice.tolist() == pytest.approx(direct)
+
+
+def test_uncrop_inverts_prepare_volume_geometry(synthetic_set):
+    records = su.scan_dataset(synthetic_set(8, 0))
+    vol = su.load_volumes([r for r in records if r.patient == records[0].patient], False)[0]
+    prepared = su.prepare_volume(vol, su.Preprocess(size=64))
+    back = su.uncrop(prepared.mask.astype(np.float32), prepared.box, prepared.shape) >= 0.5
+    assert back.shape == vol.mask.shape
+    assert su.dice_score(back, vol.mask) > 0.9  # only resampling blur is lost
+
+
+def test_overlay_colours_truth_green_prediction_red_overlap_yellow():
+    image = np.full((4, 4, 3), 100, np.uint8)
+    truth = np.zeros((4, 4), bool)
+    pred = np.zeros((4, 4), bool)
+    truth[0, :2] = True
+    pred[0, 1:3] = True
+    rgb = su.overlay(image, truth, pred, opacity=1.0)
+    assert tuple(rgb[0, 0]) == pytest.approx(su.TRUTH_RGB)
+    assert tuple(rgb[0, 2]) == pytest.approx(su.PRED_RGB)
+    r, g, _ = rgb[0, 1]
+    assert r > 0.9 and g > 0.85  # both tints: yellow
+    assert tuple(rgb[3, 3]) == pytest.approx((1.0, 1.0, 1.0))  # untouched grey, scaled per channel
