@@ -724,9 +724,11 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
     if steps == 0:
         raise ValueError(f"{len(train_set)} training slices < batch size {config.batch_size}")
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=steps)
-    history = (
-        _resume(run_dir / "last.pt", model, optimizer, scheduler, config, pre) if resume else []
-    )
+    if resume:
+        history = _resume(run_dir / "last.pt", model, optimizer, scheduler, config, pre)
+    else:
+        history = []
+        _keep_previous_run(run_dir)
     weights = tumour_weights(train_set) if config.tumour_sampling else None
     epochs = tqdm(range(len(history), config.epochs), desc=f"training ({precision})",
                   initial=len(history), total=config.epochs, disable=not progress)  # fmt: skip
@@ -768,6 +770,19 @@ def _save_run(run_dir, model, optimizer, scheduler, config, pre, history, precis
     tmp = run_dir / "history.json.tmp"
     tmp.write_text(json.dumps(history, indent=1))
     os.replace(tmp, run_dir / "history.json")
+
+
+def _keep_previous_run(run_dir: Path) -> None:
+    """Move an earlier run's files to run_dir/previous/ so a fresh start destroys nothing."""
+    files = [run_dir / n for n in ("best.pt", "last.pt", "history.json") if (run_dir / n).exists()]
+    if files:
+        shutil.rmtree(run_dir / "previous", ignore_errors=True)
+        (run_dir / "previous").mkdir(parents=True)
+        for f in files:
+            os.replace(f, run_dir / "previous" / f.name)
+        print(
+            f"moved the earlier run in {run_dir} to {run_dir / 'previous'} (resume=True continues one)"
+        )
 
 
 def _resume(path: Path, model, optimizer, scheduler, config: TrainConfig, pre) -> list[dict]:

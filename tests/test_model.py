@@ -298,6 +298,20 @@ def test_resume_without_checkpoint_starts_fresh(data, tmp_path):
     assert [h["epoch"] for h in history] == [1]
 
 
+def test_fresh_run_keeps_the_previous_one(data, tmp_path):
+    config = su.TrainConfig(epochs=1, batch_size=8, precision="fp32")
+    su.train(new_model(0), data[0], data[1], tmp_path, config, PRE, progress=False)
+    first = (tmp_path / "best.pt").read_bytes()
+    su.train(new_model(1), data[0], data[1], tmp_path, config, PRE, progress=False)
+    assert (tmp_path / "previous" / "best.pt").read_bytes() == first
+    assert {p.name for p in (tmp_path / "previous").iterdir()} == {
+        "best.pt",
+        "last.pt",
+        "history.json",
+    }
+    su.read_checkpoint(tmp_path / "best.pt")  # the new run wrote its own
+
+
 def test_train_without_validation_refused(data, tmp_path):
     with pytest.raises(ValueError, match="validation"):
         su.train(new_model(0), data[0], [], tmp_path, CONFIG, PRE, progress=False)
