@@ -730,6 +730,9 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
         history = []
         _keep_previous_run(run_dir)
     weights = tumour_weights(train_set) if config.tumour_sampling else None
+    patients = dict(
+        train=[v.patient for v in train_set.volumes], val=[v.patient for v in val_volumes]
+    )
     epochs = tqdm(range(len(history), config.epochs), desc=f"training ({precision})",
                   initial=len(history), total=config.epochs, disable=not progress)  # fmt: skip
     try:
@@ -742,7 +745,9 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
             history.append(dict(epoch=epoch + 1, train_loss=loss, val_dice=val_dice,
                                 lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - start))  # fmt: skip
             epochs.set_postfix(loss=f"{loss:.3f}", val_dice=f"{val_dice:.3f}")
-            _save_run(run_dir, model, optimizer, scheduler, config, pre, history, precision)
+            _save_run(
+                run_dir, model, optimizer, scheduler, config, pre, history, precision, patients
+            )
             if on_epoch_end is not None:
                 on_epoch_end(history)
             best = max(range(len(history)), key=lambda i: history[i]["val_dice"])
@@ -755,9 +760,12 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
     return history
 
 
-def _save_run(run_dir, model, optimizer, scheduler, config, pre, history, precision) -> None:
+def _save_run(
+    run_dir, model, optimizer, scheduler, config, pre, history, precision, patients
+) -> None:
     """Write last.pt, best.pt when validation Dice improved, and history.json (all atomic)."""
     state = dict(
+        patients=patients,  # {"train": [...], "val": [...]}: lets evaluation refuse a leaky split
         format=CHECKPOINT_FORMAT, model_config=model.config,
         model_state={k: v.contiguous() for k, v in model.state_dict().items()},
         optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
@@ -806,6 +814,21 @@ def _resume(path: Path, model, optimizer, scheduler, config: TrainConfig, pre) -
 
 
 # ----------------------------------------------------------------------------- evaluation
+
+
+def check_split(state: dict, splits: dict) -> None:
+    """Raise DataError if a validation or test patient was among the checkpoint's training
+    patients, or a test patient among its validation patients (a different split or data)."""
+    used = state.get("patients")
+    if used is None:  # checkpoints written before patients were recorded
+        return
+    now = {name: {r.patient for r in splits[name]} for name in ("val", "test")}
+    leaked = sorted(
+        ((now["val"] | now["test"]) & set(used["train"])) | (now["test"] & set(used["val"]))
+    )
+    if leaked:
+        raise DataError(f"{len(leaked)} evaluation patients ({', '.join(leaked[:3])}, ...) were used to "
+                        "train or choose this checkpoint: use the LGG_DATA and SEG_SPLIT_SEED of notebook 03")  # fmt: skip
 
 
 def uncrop(prob: np.ndarray, box: tuple, shape: tuple) -> np.ndarray:

@@ -258,6 +258,20 @@ def test_training_writes_run_files(run_a, data):
             assert torch.allclose(best_model(x), trained(x), atol=1e-6)
 
 
+def test_checkpoint_records_patients_and_refuses_a_leaky_split(run_a, data, synthetic_set):
+    state = su.read_checkpoint(run_a["run_dir"] / "best.pt")
+    train_set, val = data
+    assert state["patients"] == dict(
+        train=[v.patient for v in train_set.volumes], val=[v.patient for v in val]
+    )
+    records = su.scan_dataset(synthetic_set(8, 0))
+    su.check_split(state, su.split_by_patient(records, seed=0))  # the split 03 used: fine
+    leaky = su.split_by_patient(records, seed=0)
+    leaky["test"] = leaky["test"] + leaky["train"][:1]  # one training patient in the test set
+    with pytest.raises(su.DataError, match="SEG_SPLIT_SEED"):
+        su.check_split(state, leaky)
+
+
 def test_resume_equals_uninterrupted_run(run_a, data, tmp_path):
     train_set, val = data
     stop_after = 2
