@@ -1,6 +1,7 @@
 """Model, losses, metrics, training, resuming and checkpoints of seg_utils."""
 
 import copy
+import dataclasses
 import json
 import re
 import stat
@@ -303,6 +304,18 @@ def test_resume_with_other_config_refused(run_a, data, tmp_path):
     other = su.TrainConfig(epochs=4, batch_size=8, precision="fp32", lr=1e-3)
     with pytest.raises(CheckpointError, match=re.escape(str(last))):
         su.train(new_model(0), data[0], data[1], tmp_path, other, PRE, resume=True, progress=False)
+
+
+def test_resume_continues_past_early_stopping_with_more_patience(data, tmp_path):
+    stopped = dataclasses.replace(CONFIG, patience=0)  # stops after epoch 2 at the latest
+    history = su.train(new_model(0), data[0], data[1], tmp_path, stopped, PRE, progress=False)
+    assert len(history) < CONFIG.epochs
+    more = su.train(
+        new_model(0), data[0], data[1], tmp_path, CONFIG, PRE, resume=True, progress=False
+    )
+    assert [h["epoch"] for h in more] == list(range(1, CONFIG.epochs + 1))
+    assert more[: len(history)] == history
+    assert su.read_checkpoint(tmp_path / "last.pt")["train_config"]["patience"] == CONFIG.patience
 
 
 def test_resume_without_checkpoint_starts_fresh(data, tmp_path):
