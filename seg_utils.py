@@ -575,7 +575,8 @@ class TrainConfig:
     lr: float = 3e-3  # one-cycle peak; Adam
     weight_decay: float = 1e-4
     dice_weight: float = 1.0  # loss = BCE + dice_weight * soft Dice
-    patience: int = 15  # stop after this many epochs without a better validation Dice
+    patience: int = 40  # stop after this many epochs without a better validation Dice; one-cycle
+    # peaks late (LGG: patience 15 stopped at epoch 32 with best val 0.769; all 40 epochs: 0.773)
     seed: int = 0
     precision: str = "auto"  # "auto", "bf16" or "fp32"
     tumour_sampling: bool = True  # sample slices by tumour area (Buda et al.)

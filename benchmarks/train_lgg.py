@@ -20,7 +20,7 @@ parser.add_argument("--epochs", type=int, default=40)
 parser.add_argument("--batch-size", type=int, default=16)
 parser.add_argument("--lr", type=float, default=3e-3)
 parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--patience", type=int, default=15)
+parser.add_argument("--patience", type=int, default=su.TrainConfig.patience)
 parser.add_argument("--resume", action="store_true")
 args = parser.parse_args()
 
