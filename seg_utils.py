@@ -1064,7 +1064,7 @@ def mask_viewer(volumes: list[Volume], probs: dict | None = None, model=None, pr
     has_pred = probs is not None or model is not None
     c = {
         "patient": W.Dropdown(options=list(by_name), description="patient"),
-        "slice": W.IntSlider(0, 0, 1, description="slice", continuous_update=True),
+        "slice": W.IntSlider(0, 0, 1, description="slice", readout=False),  # the label names it
         "jump": W.Button(description="next tumour slice", icon="forward"),
         "channel": W.Dropdown(
             options=[(n, i) for i, n in enumerate(CHANNELS)] + [("all three", -1)],
