@@ -803,8 +803,8 @@ def _resume(path: Path, model, optimizer, scheduler, config: TrainConfig, pre) -
     if state["model_config"] != model.config or state["preprocess"] != asdict(pre):
         raise CheckpointError(f"{path} holds a model {state['model_config']} with preprocessing "
                               f"{state['preprocess']}: build the same, or use a new run folder")  # fmt: skip
-    same = {k: v for k, v in asdict(config).items() if k != "patience"}  # stopping rule may change
-    if {k: v for k, v in state["train_config"].items() if k != "patience"} != same:
+    # only the stopping rule may change on resume: compare with the new patience filled in
+    if dict(state["train_config"], patience=config.patience) != asdict(config):
         raise CheckpointError(f"{path} was trained with {state['train_config']}, not {asdict(config)}: "
                               "use the same parameters, or a new run folder")  # fmt: skip
     model.load_state_dict(state["model_state"])
