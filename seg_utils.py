@@ -41,6 +41,12 @@ class DataError(ValueError):
     """A data-set problem that the user can fix; the message names the file and the fix."""
 
 
+def _reason(error: Exception) -> str:
+    """The type and first sentence of an exception, for messages that say what went wrong."""
+    text = " ".join(str(error).split()).split("WeightsUnpickler error: ")[-1]  # torch.load's gist
+    return f"{type(error).__name__}: {text.split('. ')[0][:240]}"
+
+
 @dataclass(frozen=True)
 class SliceRecord:
     """One image/mask pair on disk."""
@@ -162,21 +168,50 @@ def find_kaggle_dir(root: str | Path) -> Path:
     return root
 
 
-_NAME = re.compile(r"^(?P<patient>.+)_(?P<n>\d+)(?P<mask>_mask)?\.tif$")
+_NAME = re.compile(r"^(?P<patient>.+)_(?P<n>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
+
+
+def _listing(folder: Path) -> list[Path]:
+    """A folder's entries, sorted; an unreadable folder or a broken link is a DataError."""
+    try:
+        paths = sorted(folder.iterdir())
+    except OSError as e:
+        raise DataError(f"{folder} cannot be read ({e.strerror}): fix its permissions") from e
+    for path in paths:
+        if path.is_symlink() and not path.exists():  # would be skipped or fail later, unnamed
+            raise DataError(f"{path} is a broken link: point it at its target, or remove it")
+    return paths
+
+
+def _patient_folders(root: Path) -> list[Path]:
+    """Every patient folder under root, sorted (hidden ones such as .ipynb_checkpoints are not)."""
+    return [p for p in _listing(root) if p.is_dir() and not p.name.startswith(".")]
+
+
+def _slice_files(folder: Path) -> tuple[dict, dict]:
+    """{slice number: path} of a patient's images and of its masks (.tif/.tiff, any case)."""
+    images, masks = {}, {}
+    for path in [p for p in _listing(folder) if p.suffix.lower() in (".tif", ".tiff")]:
+        match = _NAME.match(path.name)
+        if not match or match["patient"] != folder.name:
+            raise DataError(f"{path}: expected {folder.name}_<n>.tif or {folder.name}_<n>_mask.tif")
+        found = masks if match["mask"] else images
+        n = int(match["n"])
+        if n in found:  # P_5.tif and P_05.tif: which mask goes with which image is unknown
+            raise DataError(f"{found[n]} and {path} are both slice {n}: keep one, remove the other")
+        found[n] = path
+    if not images and not masks:
+        raise DataError(
+            f"{folder} holds no {folder.name}_<n>.tif images: add them, or move it away"
+        )
+    return images, masks
 
 
 def scan_dataset(root: str | Path) -> list[SliceRecord]:
     """Find every image/mask pair; records sorted by patient, then numeric slice number."""
     records = []
-    for folder in sorted(p for p in find_kaggle_dir(root).iterdir() if p.is_dir()):
-        images, masks = {}, {}
-        for path in folder.glob("*.tif"):
-            match = _NAME.match(path.name)
-            if not match or match["patient"] != folder.name:
-                raise DataError(
-                    f"{path}: expected {folder.name}_<n>.tif or {folder.name}_<n>_mask.tif"
-                )
-            (masks if match["mask"] else images)[int(match["n"])] = path
+    for folder in _patient_folders(find_kaggle_dir(root)):
+        images, masks = _slice_files(folder)
         for n in sorted(set(images) ^ set(masks)):
             have, lack = (images[n], "mask") if n in images else (masks[n], "image")
             raise DataError(f"{have} has no matching {lack}: add it, or remove this file")
@@ -204,11 +239,24 @@ def split_by_patient(
 
 def load_split_file(path: str | Path, records: list[SliceRecord]) -> dict[str, list[SliceRecord]]:
     """Split records by a JSON file {"splits": {"train": [ids], "val": [...], "test": [...]}}."""
-    splits = json.loads(Path(path).read_text())["splits"]
+    try:
+        splits = {
+            name: set(ids) for name, ids in json.loads(Path(path).read_text())["splits"].items()
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path} is not a split file ({_reason(e)}): it must hold "
+                        '{"splits": {"train": [ids], "val": [ids], "test": [ids]}}') from e  # fmt: skip
+    names = list(splits)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            both = sorted(splits[first] & splits[second])
+            if both:
+                raise DataError(f"{path} puts {both[:3]}... in both {first} and {second}: "
+                                "each patient belongs to one split only")  # fmt: skip
     missing = sorted(set().union(*splits.values()) - {r.patient for r in records})
     if missing:
         raise DataError(f"{path} names patients with no data: {missing[:3]}... check LGG_DATA")
-    return {name: [r for r in records if r.patient in set(ids)] for name, ids in splits.items()}
+    return {name: [r for r in records if r.patient in ids] for name, ids in splits.items()}
 
 
 def resolve_data_dir(env_value: str | None = None, data_root: str | Path | None = None) -> Path:
@@ -243,8 +291,11 @@ def _read(path: Path, what: str) -> np.ndarray:
 def read_slice(record: SliceRecord) -> tuple[np.ndarray, np.ndarray]:
     """Return image (H, W, 3) uint8 in file order (pre, FLAIR, post) and mask (H, W) uint8 0/1."""
     image = _read(record.image_path, "image")
-    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 32:
+    if image.ndim != 3 or image.shape[2] != 3:
         raise DataError(f"{record.image_path}: expected a 3-channel image, got shape {image.shape}")
+    if min(image.shape[:2]) < 32:  # the crop, resize and U-Net pooling need room
+        raise DataError(f"{record.image_path}: {image.shape[1]}x{image.shape[0]} px is too small "
+                        "(at least 32x32): replace it, or remove this slice and its mask")  # fmt: skip
     mask = _read(record.mask_path, "mask")
     if mask.shape != image.shape[:2]:
         raise DataError(f"{record.mask_path}: mask shape {mask.shape} != image {image.shape[:2]}")
@@ -521,7 +572,7 @@ def bce_dice_loss(
 
 
 def dice_score(pred, target) -> float:
-    """Hard Dice 2|P∩T| / (|P|+|T|) of binary masks (arrays or tensors, any shape).
+    """Hard Dice 2|P∩T| / (|P|+|T|) of binary masks (arrays or tensors, the same shape).
 
     Empty-mask rule, used everywhere in this project: both empty -> 1.0 (nothing to find,
     nothing found); a prediction on an empty mask, or an empty prediction on a tumour -> 0.0.
@@ -529,6 +580,9 @@ def dice_score(pred, target) -> float:
     """
     pred = np.asarray(pred.detach().cpu() if torch.is_tensor(pred) else pred).astype(bool)
     target = np.asarray(target.detach().cpu() if torch.is_tensor(target) else target).astype(bool)
+    if pred.shape != target.shape:  # NumPy would broadcast them and count pixels twice
+        raise ValueError(f"dice_score: prediction {pred.shape} and truth {target.shape} differ "
+                         "in shape: compare masks of the same shape (squeeze a channel axis)")  # fmt: skip
     total = pred.sum() + target.sum()
     return 1.0 if total == 0 else float(2 * np.logical_and(pred, target).sum() / total)
 
@@ -584,17 +638,27 @@ class TrainConfig:
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, damaged or not written by this project."""
+    """A checkpoint that is missing, unreadable or does not fit this code or this run."""
+
+
+def _plain(value):
+    """value with NumPy scalars and arrays as Python numbers and lists (tensors stay): a
+    np.float64 in a config would make the checkpoint unreadable to torch.load(weights_only)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if type(value) in (list, tuple):  # not namedtuples: weights_only refuses them anyway
+        return type(value)(map(_plain, value))
+    return value.tolist() if isinstance(value, (np.generic, np.ndarray)) else value
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write atomically: a temporary file in the same folder, then os.replace."""
+    """Write atomically (a temporary file in the same folder, then os.replace), plain types only."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            torch.save(_plain(state), f)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -613,9 +677,10 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"no checkpoint at {path}: run notebook 03 (training) first")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle garbage, foreign objects
-        raise CheckpointError(f"{path} is damaged or not a checkpoint ({type(e).__name__}): "
-                              "delete it and train again") from e  # fmt: skip
+    except Exception as e:  # truncated zip, pickle garbage, objects weights_only refuses
+        raise CheckpointError(f"{path} could not be read ({_reason(e)}). Keep it: if it is an "
+                              "incomplete copy, copy it again; if another program or version "
+                              "wrote it, load it with that one") from e  # fmt: skip
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} was not written by seg_utils.train ({CHECKPOINT_FORMAT})")
     return state
@@ -624,13 +689,18 @@ def read_checkpoint(path: str | Path) -> dict:
 def load_checkpoint(path: str | Path, device: torch.device | None = None):
     """Rebuild the model from a checkpoint; return (model in eval mode, Preprocess, state)."""
     state = read_checkpoint(path)
-    model = UNet(**state["model_config"])
-    model.load_state_dict(state["model_state"])
+    try:
+        model = UNet(**state["model_config"])
+        model.load_state_dict(state["model_state"])
+        pre = Preprocess(**state["preprocess"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} does not fit this seg_utils ({_reason(e)}): load it with "
+                              "the version that wrote it, or train again") from e  # fmt: skip
     device = device or pick_device()
     if pick_precision(device) == "bf16":
         model.to(memory_format=torch.channels_last)  # the fast bf16 inference path
     model.to(device).eval()
-    return model, Preprocess(**state["preprocess"]), state
+    return model, pre, state
 
 
 def seed_everything(seed: int) -> None:
@@ -725,15 +795,20 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
     if steps == 0:
         raise ValueError(f"{len(train_set)} training slices < batch size {config.batch_size}")
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=steps)
-    if resume:
-        history = _resume(run_dir / "last.pt", model, optimizer, scheduler, config, pre)
+    data = dict(  # what trained: check_split and a resume compare against it
+        patients=dict(train=[v.patient for v in train_set.volumes],
+                      val=[v.patient for v in val_volumes]),
+        train_slices=len(train_set),
+    )  # fmt: skip
+    _remove_partial_writes(run_dir)
+    if resume and (run_dir / "last.pt").exists():
+        history = _resume(run_dir / "last.pt", model, optimizer, scheduler, config, pre, data)
     else:
+        if resume:
+            print(f"nothing to resume: {run_dir / 'last.pt'} does not exist; starting a new run")
         history = []
         _keep_previous_run(run_dir)
     weights = tumour_weights(train_set) if config.tumour_sampling else None
-    patients = dict(
-        train=[v.patient for v in train_set.volumes], val=[v.patient for v in val_volumes]
-    )
     epochs = tqdm(range(len(history), config.epochs), desc=f"training ({precision})",
                   initial=len(history), total=config.epochs, disable=not progress)  # fmt: skip
     try:
@@ -746,9 +821,7 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
             history.append(dict(epoch=epoch + 1, train_loss=loss, val_dice=val_dice,
                                 lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - start))  # fmt: skip
             epochs.set_postfix(loss=f"{loss:.3f}", val_dice=f"{val_dice:.3f}")
-            _save_run(
-                run_dir, model, optimizer, scheduler, config, pre, history, precision, patients
-            )
+            _save_run(run_dir, model, optimizer, scheduler, config, pre, history, precision, data)
             if on_epoch_end is not None:
                 on_epoch_end(history)
             best = max(range(len(history)), key=lambda i: history[i]["val_dice"])
@@ -756,17 +829,23 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
                 print(f"early stop: no better validation Dice since epoch {best + 1}")
                 break
     except KeyboardInterrupt:
-        print(f"Interrupted. {run_dir / 'last.pt'} holds epoch {len(history)}: "
-              "call train(..., resume=True) to continue.")  # fmt: skip
+        print(_on_disk_after_interrupt(run_dir))
     return history
 
 
-def _save_run(
-    run_dir, model, optimizer, scheduler, config, pre, history, precision, patients
-) -> None:
+def _on_disk_after_interrupt(run_dir: Path) -> str:
+    """What last.pt holds, read back: Ctrl-C may have cut the newest epoch's write short."""
+    last = run_dir / "last.pt"
+    if not last.exists():
+        return f"Interrupted before the first epoch was saved: {run_dir} holds no last.pt."
+    epoch = read_checkpoint(last)["epoch"]
+    return f"Interrupted. {last} holds epoch {epoch}: call train(..., resume=True) to continue."
+
+
+def _save_run(run_dir, model, optimizer, scheduler, config, pre, history, precision, data) -> None:
     """Write last.pt, best.pt when validation Dice improved, and history.json (all atomic)."""
     state = dict(
-        patients=patients,  # {"train": [...], "val": [...]}: lets evaluation refuse a leaky split
+        **data,  # patients {"train": [...], "val": [...]} and train_slices: see train()
         format=CHECKPOINT_FORMAT, model_config=model.config,
         model_state={k: v.contiguous() for k, v in model.state_dict().items()},
         optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
@@ -781,24 +860,58 @@ def _save_run(
     os.replace(tmp, run_dir / "history.json")
 
 
+def _remove_partial_writes(run_dir: Path) -> None:
+    """Delete temporary files that a killed save_checkpoint or _save_run left behind."""
+    for pattern in ("*.pt.*.tmp", "history.json.tmp"):
+        for path in run_dir.glob(pattern):
+            path.unlink()
+
+
+def _new_folder(path: Path) -> Path:
+    """Create the folder path, or path-2, path-3, ... if taken: never reuse one."""
+    candidate, n = path, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = path.with_name(f"{path.name}-{n}")
+
+
 def _keep_previous_run(run_dir: Path) -> None:
-    """Move an earlier run's files to run_dir/previous/ so a fresh start destroys nothing."""
-    files = [run_dir / n for n in ("best.pt", "last.pt", "history.json") if (run_dir / n).exists()]
-    if files:
-        shutil.rmtree(run_dir / "previous", ignore_errors=True)
-        (run_dir / "previous").mkdir(parents=True)
-        for f in files:
-            os.replace(f, run_dir / "previous" / f.name)
-        print(
-            f"moved the earlier run in {run_dir} to {run_dir / 'previous'} (resume=True continues one)"
-        )
+    """Move all an earlier run left in run_dir (checkpoints, history, test_metrics.json, ...)
+    to a new run_dir/previous-<time last written>/: a fresh start deletes or mixes up nothing."""
+    earlier = [p for p in sorted(run_dir.glob("*")) if not p.name.startswith("previous")]
+    if not earlier:
+        return
+    written = max(p.lstat().st_mtime for p in earlier)
+    target = _new_folder(run_dir / time.strftime("previous-%Y%m%d-%H%M%S", time.localtime(written)))
+    for path in earlier:
+        os.replace(path, target / path.name)
+    print(f"moved the earlier run in {run_dir} to {target} (resume=True continues a run instead)")
 
 
-def _resume(path: Path, model, optimizer, scheduler, config: TrainConfig, pre) -> list[dict]:
+def _check_same_data(path: Path, state: dict, data: dict) -> None:
+    """Raise CheckpointError if a resume would train on other patients or slices than last.pt:
+    the one-cycle schedule and the record of who trained (check_split) would both go wrong."""
+    if "patients" not in state:  # written before patients were recorded: nothing to compare
+        return
+    changes = []
+    for name in ("train", "val"):
+        then, now = set(state["patients"][name]), set(data["patients"][name])
+        if then != now:
+            changes.append(f"{name} patients added {sorted(now - then)[:3]}, "
+                           f"removed {sorted(then - now)[:3]}")  # fmt: skip
+    if state.get("train_slices", data["train_slices"]) != data["train_slices"]:
+        changes.append(f"{data['train_slices']} training slices, not {state['train_slices']}")
+    if changes:
+        raise CheckpointError(f"{path} trained on other data ({'; '.join(changes)}): resume with "
+                              "the LGG_DATA and SEG_SPLIT_SEED it used, or start a new run")  # fmt: skip
+
+
+def _resume(path: Path, model, optimizer, scheduler, config: TrainConfig, pre, data) -> list[dict]:
     """Restore model, optimiser, schedule and RNG from last.pt; return its history."""
-    if not path.exists():
-        print(f"nothing to resume at {path}: starting a new run")
-        return []
     state = read_checkpoint(path)
     if state["model_config"] != model.config or state["preprocess"] != asdict(pre):
         raise CheckpointError(f"{path} holds a model {state['model_config']} with preprocessing "
@@ -807,6 +920,7 @@ def _resume(path: Path, model, optimizer, scheduler, config: TrainConfig, pre) -
     if dict(state["train_config"], patience=config.patience) != asdict(config):
         raise CheckpointError(f"{path} was trained with {state['train_config']}, not {asdict(config)}: "
                               "use the same parameters, or a new run folder")  # fmt: skip
+    _check_same_data(path, state, data)
     model.load_state_dict(state["model_state"])
     optimizer.load_state_dict(state["optimizer_state"])
     scheduler.load_state_dict(state["scheduler_state"])
@@ -877,6 +991,18 @@ def _dice(inter, pred, truth):
     return np.where(total == 0, 1.0, 2 * inter / np.maximum(total, 1))
 
 
+def _check_probabilities(prob: np.ndarray, volume: Volume, threshold: float) -> None:
+    """Raise ValueError unless threshold and every probability of a patient lie in [0, 1]."""
+    if not 0 <= threshold <= 1:  # NaN fails too
+        raise ValueError(f"threshold {threshold} is not a probability: choose one in [0, 1]")
+    if prob.shape != volume.mask.shape:
+        raise ValueError(f"probabilities of {volume.patient} have shape {prob.shape}, its mask "
+                         f"{volume.mask.shape}: predict this volume with su.predict_volume")  # fmt: skip
+    if not (np.isfinite(prob).all() and prob.min() >= 0 and prob.max() <= 1):
+        raise ValueError(f"probabilities of {volume.patient} hold NaN, infinity or values outside "
+                         "[0, 1]: pass sigmoid outputs (su.predict_volumes), not logits")  # fmt: skip
+
+
 def evaluate_patients(probs: dict, volumes: list[Volume], threshold=0.5, min_size=0,
                       keep_largest=False):  # fmt: skip
     """Tidy tables (pandas): one row per patient, one row per slice, original resolution."""
@@ -884,6 +1010,7 @@ def evaluate_patients(probs: dict, volumes: list[Volume], threshold=0.5, min_siz
 
     patients, slices = [], []
     for vol in volumes:
+        _check_probabilities(probs[vol.patient], vol, threshold)
         pred = postprocess(probs[vol.patient] >= threshold, min_size, keep_largest)
         truth = vol.mask.astype(bool)
         inter = (pred & truth).sum((1, 2))  # (D,) pixel counts per slice
