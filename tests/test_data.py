@@ -251,6 +251,37 @@ def test_split_reproduces_split_json(lgg_dir):
         su.load_split_file(lgg_dir / "split.json", records[: len(records) // 2])
 
 
+def write_split_file(path: Path, splits: dict) -> Path:
+    path.write_text(json.dumps({"seed": 0, "splits": splits}))
+    return path
+
+
+def test_split_file_known_answer(tmp_path):
+    path = write_split_file(
+        tmp_path / "split.json", {"train": ["A", "B"], "val": ["C"], "test": ["D"]}
+    )
+    split = su.load_split_file(path, fake_records("ABCD"))
+    assert patients_of(split) == {"train": ["A", "B"], "val": ["C"], "test": ["D"]}
+
+
+def test_split_file_with_a_patient_in_two_splits(tmp_path):
+    path = write_split_file(
+        tmp_path / "split.json", {"train": ["A", "B"], "val": ["C"], "test": ["B", "D"]}
+    )
+    with pytest.raises(DataError, match=re.escape(str(path)) + r".*\['B'\].*train and test"):
+        su.load_split_file(path, fake_records("ABCD"))
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"seed": 0}', "[]", ""])
+def test_split_file_unreadable(tmp_path, text):
+    path = tmp_path / "split.json"
+    path.write_text(text)
+    with pytest.raises(DataError, match=re.escape(str(path)) + ".*splits"):
+        su.load_split_file(path, fake_records("ABCD"))
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "nowhere.json"))):
+        su.load_split_file(tmp_path / "nowhere.json", fake_records("ABCD"))
+
+
 # ----------------------------------------------------------------------------- reading
 
 
@@ -384,6 +415,72 @@ def test_unexpected_tif_name(tmp_path, name):
         su.scan_dataset(tmp_path)
 
 
+def test_slice_number_written_two_ways(tmp_path):
+    """P_5.tif and P_05.tif are both slice 5: pairing them by number would mix masks up."""
+    folder = tmp_path / "kaggle_3m"
+    image, mask = write_pair(folder, "P", 5, image=np.full((64, 64, 3), 200, np.uint8))
+    image.rename(folder / "P" / "P_05.tif")
+    mask.rename(folder / "P" / "P_05_mask.tif")
+    write_pair(folder, "P", 5)
+    with pytest.raises(DataError, match=re.escape(str(folder / "P" / "P_05.tif")) + " and "
+                       + re.escape(str(folder / "P" / "P_5.tif")) + ".*both slice 5"):  # fmt: skip
+        su.scan_dataset(tmp_path)
+
+
+def test_tiff_and_upper_case_extensions(tmp_path):
+    """A patient is not dropped (and the split not reshuffled) for writing .tiff or .TIF."""
+    folder = tmp_path / "kaggle_3m"
+    for value, (patient, suffix) in enumerate([("A", ".tif"), ("B", ".tiff"), ("C", ".TIF")]):
+        image, mask = write_pair(
+            folder, patient, 1, image=np.full((64, 64, 3), 10 * value, np.uint8)
+        )
+        image.rename(image.with_suffix(suffix))
+        mask.rename(mask.with_suffix(suffix.upper()))
+    records = su.scan_dataset(tmp_path)
+    assert [(r.patient, r.image_path.suffix, r.mask_path.suffix) for r in records] == [
+        ("A", ".tif", ".TIF"), ("B", ".tiff", ".TIFF"), ("C", ".TIF", ".TIF")
+    ]  # fmt: skip
+    assert [int(v.image.max()) for v in su.load_volumes(records, progress=False)] == [0, 10, 20]
+
+
+def test_empty_patient_folder(tmp_path):
+    write_pair(tmp_path / "kaggle_3m", "A", 1)
+    (tmp_path / "kaggle_3m" / "B").mkdir()
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "kaggle_3m" / "B")) + " holds no"):
+        su.scan_dataset(tmp_path)
+
+
+def test_unreadable_patient_folder(tmp_path, monkeypatch):
+    write_pair(tmp_path / "kaggle_3m", "A", 1)
+    locked = tmp_path / "kaggle_3m" / "B"
+    locked.mkdir()
+    locked.chmod(0)  # root reads it all the same: make iterdir refuse as for any other user
+    iterdir = Path.iterdir
+
+    def refuse(self):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    with pytest.raises(DataError, match=re.escape(str(locked)) + ".*Permission denied"):
+        su.scan_dataset(tmp_path)
+    locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("what", ["patient folder", "slice file"])
+def test_dangling_symlink(tmp_path, what):
+    write_pair(tmp_path / "kaggle_3m", "A", 1)
+    if what == "patient folder":
+        link = tmp_path / "kaggle_3m" / "B"
+    else:
+        link = tmp_path / "kaggle_3m" / "A" / "A_2.tif"
+        write_pair(tmp_path / "kaggle_3m", "A", 2)[0].unlink()
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(DataError, match=re.escape(str(link)) + " is a broken link"):
+        su.scan_dataset(tmp_path)
+
+
 def test_unreadable_file(tmp_path):
     image_path, _ = write_pair(tmp_path / "kaggle_3m", "P", 1)
     image_path.write_bytes(np.random.default_rng(0).bytes(5000))
@@ -404,6 +501,12 @@ def test_truncated_tiff(tmp_path, writer):
     data = image_path.read_bytes()
     image_path.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=re.escape(str(image_path))):
+        load_all(tmp_path)
+
+
+def test_too_small_image(tmp_path):
+    image_path, _ = write_pair(tmp_path / "kaggle_3m", "P", 1, size=16)
+    with pytest.raises(DataError, match=re.escape(str(image_path)) + ": 16x16 px is too small"):
         load_all(tmp_path)
 
 
