@@ -3,8 +3,10 @@
 import copy
 import dataclasses
 import json
+import os
 import re
 import stat
+import time
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +155,16 @@ def test_dice_random_masks_match_numpy():
         assert su.dice_score(torch.from_numpy(pred), torch.from_numpy(truth)) == pytest.approx(
             expected
         )
+
+
+def test_dice_refuses_shapes_that_differ():
+    """A (4, 1, 16, 16) prediction against its (4, 16, 16) truth broadcast to Dice 2.60."""
+    pred, truth = np.zeros((4, 1, 16, 16)), np.zeros((4, 16, 16))
+    pred[:, 0, 4:8, 4:8] = truth[:, 4:8, 4:8] = 1
+    assert su.dice_score(pred[:, 0], truth) == 1.0
+    for p, t in ((pred, truth), (torch.from_numpy(pred), torch.from_numpy(truth))):
+        with pytest.raises(ValueError, match=re.escape("(4, 1, 16, 16) and truth (4, 16, 16)")):
+            su.dice_score(p, t)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -306,6 +318,29 @@ def test_resume_with_other_config_refused(run_a, data, tmp_path):
         su.train(new_model(0), data[0], data[1], tmp_path, other, PRE, resume=True, progress=False)
 
 
+@pytest.mark.parametrize("change", ["train patient removed", "val patient added", "fewer slices"])
+def test_resume_on_other_data_refused(run_a, data, tmp_path, change):
+    """Another split or a grown/shrunk data set: the schedule and the checkpoint's record of
+    its training patients (which check_split trusts) would be wrong, so resume refuses."""
+    train_set, val = data
+    last = tmp_path / "last.pt"
+    last.write_bytes((run_a["run_dir"] / "last.pt").read_bytes())
+    volumes = list(train_set.volumes)
+    if change == "train patient removed":
+        expected = f"train patients added [], removed ['{volumes.pop(0).patient}']"
+    elif change == "val patient added":
+        val = val + volumes[-1:]
+        expected = f"val patients added ['{volumes[-1].patient}'], removed []"
+    else:
+        first = volumes[0]
+        volumes[0] = dataclasses.replace(first, image=first.image[1:], mask=first.mask[1:])
+        expected = f"{len(train_set) - 1} training slices, not {len(train_set)}"
+    other = su.SliceDataset(volumes, train_set.transform)
+    with pytest.raises(CheckpointError, match=re.escape(str(last)) + ".*" + re.escape(expected)):
+        su.train(new_model(0), other, val, tmp_path, CONFIG, PRE, resume=True, progress=False)
+    assert last.read_bytes() == (run_a["run_dir"] / "last.pt").read_bytes()  # record unchanged
+
+
 def test_resume_continues_past_early_stopping_with_more_patience(data, tmp_path):
     stopped = dataclasses.replace(CONFIG, patience=0)  # stops after epoch 2 at the latest
     history = su.train(new_model(0), data[0], data[1], tmp_path, stopped, PRE, progress=False)
@@ -318,25 +353,90 @@ def test_resume_continues_past_early_stopping_with_more_patience(data, tmp_path)
     assert su.read_checkpoint(tmp_path / "last.pt")["train_config"]["patience"] == CONFIG.patience
 
 
-def test_resume_without_checkpoint_starts_fresh(data, tmp_path):
+def test_resume_without_last_pt_starts_fresh_and_keeps_the_earlier_files(run_a, data, tmp_path):
+    """resume=True with best.pt but no last.pt overwrote best.pt and history.json."""
+    earlier = {n: (run_a["run_dir"] / n).read_bytes() for n in ("best.pt", "history.json")}
+    for name, content in earlier.items():
+        (tmp_path / name).write_bytes(content)
     config = su.TrainConfig(epochs=1, batch_size=8, precision="fp32")
     history = su.train(new_model(0), data[0], data[1], tmp_path, config, PRE, resume=True,
                        progress=False)  # fmt: skip
     assert [h["epoch"] for h in history] == [1]
+    (kept,) = tmp_path.glob("previous-*")
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == earlier
+    assert su.read_checkpoint(tmp_path / "best.pt")["epoch"] == 1  # the new run's own
 
 
-def test_fresh_run_keeps_the_previous_one(data, tmp_path):
+def test_fresh_runs_keep_every_earlier_run(data, tmp_path):
+    """Each fresh start moves all the earlier run left, test_metrics.json included, to a new
+    previous-<time last written>/ folder; an existing previous-* folder is never reused."""
+    written = time.mktime((2024, 1, 2, 3, 4, 5, 0, 0, -1))
+    run0 = {"best.pt": b"0 best", "last.pt": b"0 last", "history.json": b"[]",
+            "test_metrics.json": b'{"run": 0}'}  # fmt: skip
+    for name, content in run0.items():
+        (tmp_path / name).write_bytes(content)
+        os.utime(tmp_path / name, (written, written))
+    (tmp_path / "last.pt.k2x9.tmp").write_bytes(b"half a checkpoint")  # a killed write
+    taken = tmp_path / "previous-20240102-030405"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("older")
     config = su.TrainConfig(epochs=1, batch_size=8, precision="fp32")
     su.train(new_model(0), data[0], data[1], tmp_path, config, PRE, progress=False)
-    first = (tmp_path / "best.pt").read_bytes()
+    moved = tmp_path / "previous-20240102-030405-2"
+    assert {p.name: p.read_bytes() for p in moved.iterdir()} == run0
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"]
+
+    run1 = {n: (tmp_path / n).read_bytes() for n in ("best.pt", "last.pt", "history.json")}
+    run1["test_metrics.json"] = b'{"run": 1}'  # as notebook 04 writes it
+    (tmp_path / "test_metrics.json").write_bytes(run1["test_metrics.json"])
     su.train(new_model(1), data[0], data[1], tmp_path, config, PRE, progress=False)
-    assert (tmp_path / "previous" / "best.pt").read_bytes() == first
-    assert {p.name for p in (tmp_path / "previous").iterdir()} == {
-        "best.pt",
-        "last.pt",
-        "history.json",
-    }
-    su.read_checkpoint(tmp_path / "best.pt")  # the new run wrote its own
+    (newest,) = set(tmp_path.glob("previous-*")) - {taken, moved}
+    assert {p.name: p.read_bytes() for p in newest.iterdir()} == run1
+    left = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
+    assert left == ["best.pt", "history.json", "last.pt"]  # no test_metrics.json of another model
+
+
+def test_numpy_numbers_in_the_config(data, tmp_path):
+    """TrainConfig(lr=np.float64(...)) trained, then every load called the checkpoint damaged."""
+    config = su.TrainConfig(epochs=2, batch_size=8, precision="fp32", lr=np.float64(3e-3),
+                            dice_weight=np.float32(1.0))  # fmt: skip
+
+    def interrupt(history):
+        raise KeyboardInterrupt
+
+    su.train(new_model(0), data[0], data[1], tmp_path, config, PRE, on_epoch_end=interrupt,
+             progress=False)  # fmt: skip
+    model, pre, state = su.load_checkpoint(tmp_path / "best.pt", torch.device("cpu"))
+    assert type(state["train_config"]["lr"]) is float and state["train_config"]["lr"] == 3e-3
+    assert pre == PRE and state["epoch"] == 1
+    history = su.train(new_model(0), data[0], data[1], tmp_path, config, PRE, resume=True,
+                       progress=False)  # fmt: skip
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_ctrl_c_during_a_checkpoint_write_reports_what_is_on_disk(data, tmp_path, monkeypatch,
+                                                                  capsys):  # fmt: skip
+    save = su.save_checkpoint
+
+    def interrupted(state, path):
+        if Path(path).name == "last.pt" and state["epoch"] == 2:
+            raise KeyboardInterrupt  # Ctrl-C before the new last.pt replaced the old one
+        save(state, path)
+
+    monkeypatch.setattr(su, "save_checkpoint", interrupted)
+    config = su.TrainConfig(epochs=3, batch_size=8, precision="fp32")
+    su.train(new_model(0), data[0], data[1], tmp_path, config, PRE, progress=False)
+    assert su.read_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert f"{tmp_path / 'last.pt'} holds epoch 1:" in capsys.readouterr().out
+
+
+def test_leftover_temporary_files_are_removed_on_resume(run_a, data, tmp_path):
+    last = tmp_path / "last.pt"
+    last.write_bytes((run_a["run_dir"] / "last.pt").read_bytes())  # all epochs done
+    for name in ("last.pt.k2x9.tmp", "best.pt.a7b1.tmp", "history.json.tmp"):
+        (tmp_path / name).write_bytes(b"half a file")
+    su.train(new_model(0), data[0], data[1], tmp_path, CONFIG, PRE, resume=True, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
 def test_train_without_validation_refused(data, tmp_path):
@@ -393,8 +493,36 @@ def test_truncated_checkpoint(run_a, tmp_path):
     data = (run_a["run_dir"] / "last.pt").read_bytes()
     path = tmp_path / "best.pt"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*zip archive") as error:
         su.load_checkpoint(path)
+    assert "delete" not in str(error.value) and "Keep it" in str(error.value)
+
+
+def test_checkpoint_with_numpy_objects_is_not_called_damaged(tmp_path):
+    """A file an older version wrote with a np.float64 in it holds good weights: keep it."""
+    path = tmp_path / "best.pt"
+    torch.save(dict(small_state(), lr=np.float64(3e-3)), path)
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*numpy") as error:
+        su.read_checkpoint(path)
+    assert "delete" not in str(error.value) and "Keep it" in str(error.value)
+
+
+@pytest.mark.parametrize("change", ["wider model", "missing weights", "no model_config",
+                                    "unknown Preprocess field"])  # fmt: skip
+def test_checkpoint_that_does_not_fit_names_the_file(run_a, tmp_path, change):
+    state = su.read_checkpoint(run_a["run_dir"] / "best.pt")
+    if change == "wider model":
+        state["model_config"]["base_width"] *= 2
+    elif change == "missing weights":
+        del state["model_state"]["head.weight"]
+    elif change == "no model_config":
+        del state["model_config"]
+    else:
+        state["preprocess"]["colour_space"] = "HSV"
+    path = tmp_path / "best.pt"
+    su.save_checkpoint(state, path)
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + " does not fit"):
+        su.load_checkpoint(path, torch.device("cpu"))
 
 
 class Foreign:
