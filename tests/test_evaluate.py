@@ -61,6 +61,31 @@ def test_slice_table_follows_the_empty_mask_rule(two_patients):
         assert row.dice == pytest.approx(su.dice_score(probs[row.patient][z] >= 0.5, vol.mask[z]))
 
 
+@pytest.mark.parametrize("threshold", [-0.1, 1.5, float("nan")])
+def test_threshold_outside_0_1_refused(two_patients, threshold):
+    volumes, probs = two_patients
+    with pytest.raises(ValueError, match=f"threshold {threshold} is not a probability"):
+        su.evaluate_patients(probs, volumes, threshold)
+    with pytest.raises(ValueError, match=f"threshold {threshold} is not a probability"):
+        su.sweep_postprocessing(probs, volumes, thresholds=(0.5, threshold))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1.5, -0.5, "shape"])
+def test_probabilities_that_are_not_probabilities_refused(two_patients, bad):
+    """NaN was scored as "nothing predicted" (specificity 1.0); logits or another patient's
+    array are no better."""
+    volumes, probs = two_patients
+    probs = dict(probs, B=probs["B"].copy())
+    if bad == "shape":
+        probs["B"] = probs["B"][:, :16]
+    else:
+        probs["B"][1, 0, 0] = bad
+    with pytest.raises(ValueError, match="probabilities of B"):
+        su.evaluate_patients(probs, volumes, 0.5)
+    with pytest.raises(ValueError, match="probabilities of B"):
+        su.sweep_postprocessing(probs, volumes)
+
+
 def test_postprocessing_removes_small_blobs_and_keeps_largest():
     binary = np.zeros((3, 20, 20), bool)
     binary[0:2, 2:8, 2:8] = True  # 72 voxels
