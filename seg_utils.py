@@ -671,16 +671,17 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint dict (weights_only) or raise CheckpointError saying what to do."""
+    """Load a checkpoint dict (weights_only) or raise CheckpointError saying why and what to do."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: run notebook 03 (training) first")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle garbage, objects weights_only refuses
-        raise CheckpointError(f"{path} could not be read ({_reason(e)}). Keep it: if it is an "
-                              "incomplete copy, copy it again; if another program or version "
-                              "wrote it, load it with that one") from e  # fmt: skip
+        raise CheckpointError(f"{path} could not be read ({_reason(e)}). Keep it: copy it again "
+                              "if the copy is incomplete; if you trust a file holding objects that "
+                              "safe loading refuses, torch.load(path, weights_only=False) reads "
+                              "it") from e  # fmt: skip
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} was not written by seg_utils.train ({CHECKPOINT_FORMAT})")
     return state
