@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import shutil
 import sys
 import tempfile
+import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -462,6 +464,20 @@ def predict(checkpoint, input, out_dir, t1=None, t1c=None, threshold=None, min_s
 # ----------------------------------------------------------------------------- ONNX export
 
 
+@contextmanager
+def _quiet_export():
+    """Hide torch.onnx's chatter (torchvision ops it skips, deprecations) for one export."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_onnx(checkpoint, out_path) -> Path:
     """Write the checkpoint's U-Net as ONNX (fp32, dynamic batch): input "image" (B, C, S, S)
     normalised as predict_prepared does, output "logits" (B, 1, S, S); written atomically."""
@@ -469,8 +485,9 @@ def export_onnx(checkpoint, out_path) -> Path:
     model = model.float().to(memory_format=torch.contiguous_format)
     example = torch.zeros(2, len(pre.channels), pre.size, pre.size)  # batch 2: not specialised
     try:
-        program = torch.onnx.export(model, (example,), input_names=["image"], output_names=["logits"],
-                                    dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False)  # fmt: skip
+        with _quiet_export():
+            program = torch.onnx.export(model, (example,), input_names=["image"], output_names=["logits"],
+                                        dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False)  # fmt: skip
     except ImportError as e:
         raise ImportError(
             "ONNX export needs onnx and onnxscript: pip install -r requirements.txt"
