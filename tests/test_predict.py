@@ -17,13 +17,7 @@ from seg_utils import CheckpointError, DataError
 CONFIG = su.TrainConfig(epochs=3, batch_size=8, precision="fp32")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: repeatable numbers, no oversubscription of busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: repeatable numbers
 
 
 @pytest.fixture(scope="module")
