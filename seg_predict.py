@@ -439,21 +439,23 @@ def summarise_prediction(scan: Scan, pred: np.ndarray) -> dict:
     return out
 
 
-def predict(checkpoint, input, out_dir, t1=None, t1c=None, threshold=None, min_size=None,
+def predict(checkpoint, source, out_dir, t1=None, t1c=None, threshold=None, min_size=None,
             keep_largest=None, tta=None, fill_missing=None, overwrite=False, progress=True) -> dict:  # fmt: skip
-    """Segment a new scan: write its mask(s), overlay.png and summary.json to out_dir (atomically);
-    return the summary. Settings come from notebook 04's choice unless given here."""
+    """Segment a new scan `source` (patient folder, slice folder or NIfTI FLAIR): write its
+    mask(s), overlay.png and summary.json to out_dir (atomically); return the summary.
+    Settings come from notebook 04's choice unless given here."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     _refuse_results(out_dir, overwrite)  # before any work: fail fast
     model, pre, _ = su.load_checkpoint(checkpoint)
-    settings, source = run_settings(checkpoint, threshold=threshold, min_size=min_size,
+    settings, origin = run_settings(checkpoint, threshold=threshold, min_size=min_size,
                                     keep_largest=keep_largest, tta=tta)  # fmt: skip
-    scan = read_scan(input, t1, t1c)
+    scan = read_scan(source, t1, t1c)
     image, filled = model_image(scan, pre, checkpoint, fill_missing)
     pred = predict_mask(model, pre, image, settings, progress)
-    summary = dict(input=str(input), input_kind=scan.kind, checkpoint=str(checkpoint),
-                   model_inputs=needed_inputs(pre), given_inputs=[CHANNELS[c] for c in scan.present],
-                   filled_from_flair=filled, settings=settings, settings_source=source,
+    summary = dict(input=str(source), t1=t1 and str(t1), t1c=t1c and str(t1c), input_kind=scan.kind,
+                   checkpoint=str(checkpoint), model_inputs=needed_inputs(pre),
+                   given_inputs=[CHANNELS[c] for c in scan.present], filled_from_flair=filled,
+                   settings=settings, settings_source=origin,
                    preprocess=asdict(pre), **summarise_prediction(scan, pred))  # fmt: skip
     with staged_folder(out_dir, overwrite) as folder:
         summary["outputs"] = write_results(folder, scan, image, pred)
