@@ -346,6 +346,12 @@ class Preprocess:
     normalisation: str = "volume"  # "volume": each scan's own p10-p99 + z-score; "global"
     mean: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # "global" only: train split
     std: list = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    channels: list = field(default_factory=lambda: [0, 1, 2])  # network input: CHANNELS indices
+
+    def __post_init__(self):
+        valid = len(set(self.channels)) == len(self.channels) > 0
+        if not valid or not set(self.channels) <= set(range(len(CHANNELS))):
+            raise ValueError(f"channels: distinct indices into {CHANNELS}, not {self.channels}")
 
 
 @dataclass
@@ -358,6 +364,7 @@ class PreparedVolume:
     box: tuple  # (y0, y1, x0, x1) square crop in original pixels; may reach past the edges
     shape: tuple  # original (H, W)
     norm: np.ndarray  # (4, 3) float32 rows lo, hi, mean, std per channel
+    channels: tuple = (0, 1, 2)  # which of the 3 channels the network gets (Preprocess.channels)
 
 
 def brain_box(image: np.ndarray, margin: float = 0.04) -> tuple:
@@ -417,9 +424,8 @@ def prepare_volume(volume: Volume, pre: Preprocess) -> PreparedVolume:
     mask = np.stack(
         [cv2.resize(m.astype(np.float32), size, interpolation=cv2.INTER_AREA) > 0.5 for m in mask]
     ).astype(np.uint8)
-    return PreparedVolume(
-        volume.patient, image, mask, box, (height, width), volume_norm(image, pre)
-    )
+    return PreparedVolume(volume.patient, image, mask, box, (height, width),
+                          volume_norm(image, pre), tuple(pre.channels))  # fmt: skip
 
 
 def prepare_volumes(volumes: list[Volume], pre: Preprocess) -> list[PreparedVolume]:
@@ -445,7 +451,7 @@ def train_transform(seed: int | None = None) -> A.Compose:
 
 
 class SliceDataset(torch.utils.data.Dataset):
-    """2D slices of prepared volumes as (image (3, S, S), mask (1, S, S)) float32 tensors."""
+    """2D slices of prepared volumes as (image (C, S, S), mask (1, S, S)) float32 tensors."""
 
     def __init__(self, volumes: list[PreparedVolume], transform: A.Compose | None = None):
         self.volumes = volumes
@@ -467,7 +473,8 @@ class SliceDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        image = normalise(image, volume.norm).transpose(2, 0, 1)  # (3, S, S)
+        image = normalise(image, volume.norm)[..., list(volume.channels)]  # (S, S, C)
+        image = image.transpose(2, 0, 1)  # (C, S, S)
         return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(
             mask[None].astype(np.float32)
         )
@@ -720,7 +727,8 @@ def predict_prepared(model, volume: PreparedVolume, precision="auto", tta=False,
     with torch.no_grad(), autocast(device, precision):
         for start in range(0, len(volume.image), batch_size):
             x = normalise(volume.image[start : start + batch_size], volume.norm)  # (b, S, S, 3)
-            x = torch.from_numpy(x).permute(0, 3, 1, 2).to(device)  # (b, 3, S, S) view of NHWC
+            x = x[..., list(volume.channels)]  # (b, S, S, C): the model's inputs, a copy
+            x = torch.from_numpy(x).permute(0, 3, 1, 2).to(device)  # (b, C, S, S) view of NHWC
             if precision == "bf16":
                 x = x.contiguous(memory_format=torch.channels_last)
             prob = torch.sigmoid(model(x).float())
@@ -1262,10 +1270,32 @@ def mask_viewer(volumes: list[Volume], probs: dict | None = None, model=None, pr
     return box
 
 
+# ----------------------------------------------------------------------------- new scans
+
+# Using the model on a new scan lives in seg_predict.py; these names are also seg_utils' own
+# (looked up on first use, so `import seg_utils` stays light and the import is not circular).
+_PREDICT_NAMES = ("predict", "export_onnx", "read_scan", "parse_channels", "needed_inputs",
+                  "site_shift_scores", "site_shift_table", "SHIFTS")  # fmt: skip
+
+
+def __getattr__(name: str):
+    """Module attribute fallback: the names of seg_predict (PEP 562)."""
+    if name in _PREDICT_NAMES:
+        import seg_predict
+
+        return getattr(seg_predict, name)
+    raise AttributeError(f"module 'seg_utils' has no attribute {name!r}")
+
+
 if __name__ == "__main__":
     import sys
 
+    if sys.argv[1:2] in (["predict"], ["export"], ["inputs"]):
+        import seg_predict
+
+        sys.exit(seg_predict.main(sys.argv[1:]))
     if sys.argv[1:] != ["data"]:
-        sys.exit("usage: python -m seg_utils data   (find or generate the data set, print where)")
+        sys.exit("usage: python -m seg_utils data   (find or generate the data set, print where)\n"
+                 "       python -m seg_utils predict|export|inputs ...   (see --help of each)")  # fmt: skip
     found = resolve_data_dir()
     print(f"data: {found} ({len(scan_dataset(found))} slices)")

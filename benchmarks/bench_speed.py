@@ -13,6 +13,9 @@ What it measures, in one run and on the same random batch (16 x 3 x 128 x 128 by
 - the bf16/fp32 speed-up per model, and each model's speed as a ratio of the project U-Net's
   (compare ratios: they survive a busy machine much better than absolute numbers do);
 - the process's peak resident memory (ru_maxrss) after each model's (warm-up) runs;
+- inference images/s of the project U-Net exported to ONNX and run by onnxruntime (fp32, CPU),
+  beside PyTorch's fp32 number; timed after the rounds, not interleaved; skipped with a note
+  where onnxruntime/onnxscript are not installed;
 - achieved GFLOP/s (conv/matmul FLOPs from torch.utils.flop_counter on one forward pass;
   training counts 3x forward) next to this machine's measured peak for fp32 and bf16: the
   better of a 3x3 conv (64 -> 64 channels, 16 x 64 x 128 x 128, channels_last) and a
@@ -40,6 +43,7 @@ import random
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -211,6 +215,37 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
     print()
 
 
+def onnxruntime_ips(x: torch.Tensor, steps: int, warmup: int) -> float | None:
+    """Inference images/s of the project U-Net run by onnxruntime (fp32, CPU, torch's thread
+    count), median of `steps` runs; None, with a printed note, if it is not installed."""
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx.export needs it)
+    except ImportError as e:
+        print(
+            f"onnxruntime: skipped, {e.name} is not installed (see benchmarks/requirements.txt)\n"
+        )
+        return None
+    torch.manual_seed(SEED)  # the same initial weights as the PyTorch rows
+    model = MODELS[REFERENCE][1]().eval()
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "unet.onnx"
+        torch.onnx.export(model, (x,), path, input_names=["image"], verbose=False,
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}})  # fmt: skip
+        session = onnxruntime.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"]
+        )
+    feed = {"image": x.numpy()}
+    times = []
+    for _ in range(warmup + steps):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return len(x) / statistics.median(times[warmup:])
+
+
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages, for judging how busy the machine was."""
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -340,6 +375,12 @@ def main() -> None:
         "  earlier models stay resident, so (+MiB) is what each model added to the peak."
     )
     print()
+
+    ort = onnxruntime_ips(x, steps, warmup)
+    if ort is not None:
+        torch_ips = ips(REFERENCE, "infer", "fp32")
+        print(f"Inference fp32, {label[REFERENCE]}: PyTorch {torch_ips:.1f} images/s, onnxruntime "
+              f"{ort:.1f} images/s ({ort / torch_ips:.2f}x; timed after the rounds, not interleaved)\n")  # fmt: skip
 
     print(f"Speed relative to the {label[REFERENCE]} (images/s ratio; >1 = faster than it)")
     rows = [

@@ -1,6 +1,7 @@
 """Train the project U-Net on the real LGG set outside Jupyter (same calls as notebook 03).
 
     LGG_DATA=/path/to/kaggle_3m python benchmarks/train_lgg.py --run-dir runs/lgg --epochs 40
+    LGG_DATA=... python benchmarks/train_lgg.py --run-dir runs/lgg-flair --channels flair
 
 Writes best.pt, last.pt and history.json to --run-dir; --resume continues an interrupted run.
 The split is seg_utils.split_by_patient(seed 0), which reproduces the benchmark's split.json.
@@ -22,15 +23,16 @@ parser.add_argument("--lr", type=float, default=3e-3)
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--patience", type=int, default=su.TrainConfig.patience)
 parser.add_argument("--resume", action="store_true")
+parser.add_argument("--channels", default="all", help="input channels: all, flair, or e.g. 1,2")
 args = parser.parse_args()
 
 start = time.perf_counter()
 splits = su.split_by_patient(su.scan_dataset(su.resolve_data_dir()))
-pre = su.Preprocess(size=args.size)
+pre = su.Preprocess(size=args.size, channels=su.parse_channels(args.channels))
 train_set = su.SliceDataset.from_records(splits["train"], pre, su.train_transform())
 val_volumes = su.prepare_volumes(su.load_volumes(splits["val"]), pre)
 su.seed_everything(args.seed)
-model = su.UNet(base_width=args.width, depth=args.depth)
+model = su.UNet(in_channels=len(pre.channels), base_width=args.width, depth=args.depth)
 config = su.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                         seed=args.seed, patience=args.patience)  # fmt: skip
 print(f"{su.count_parameters(model):,} parameters, {len(train_set)} training slices, {config}")

@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import seg_utils as su
 
@@ -35,3 +36,14 @@ def synthetic_set(tmp_path_factory):
         return root / "kaggle_3m"
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module that asks (pytestmark): the same numbers on any
+    machine, and no OpenMP oversubscription (with 2 threads on 2 busy cores an epoch took
+    20-50 s instead of ~1 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

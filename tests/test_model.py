@@ -22,14 +22,7 @@ PRE = su.Preprocess(size=64)
 DICE_FLOOR = 0.6  # measured (1 thread): validation Dice 0.85, 0.90, 0.82, 0.89 over 4 epochs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the same numbers on any machine, and no OpenMP oversubscription
-    (with 2 threads on 2 busy cores an epoch took 20-50 s instead of ~1 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: repeatable numbers
 
 
 @pytest.fixture(scope="module")

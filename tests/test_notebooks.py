@@ -8,9 +8,9 @@ import pytest
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9]*.ipynb"))
 
 
-def test_the_five_notebooks_exist_in_order():
+def test_the_six_notebooks_exist_in_order():
     names = [p.stem.split("_")[0] for p in NOTEBOOKS]
-    assert names == ["01", "02", "03", "04", "05"]
+    assert names == ["01", "02", "03", "04", "05", "06"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -1,0 +1,418 @@
+"""seg_predict: predict on a patient folder, a slice folder and NIfTI, bad inputs, channels,
+ONNX export and the site-shift check, with tiny U-Nets trained on the synthetic set."""
+
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import seg_predict as sp
+import seg_utils as su
+from seg_utils import CheckpointError, DataError
+
+CONFIG = su.TrainConfig(epochs=3, batch_size=8, precision="fp32")
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: repeatable numbers
+
+
+@pytest.fixture(scope="module")
+def data_dir(synthetic_set):
+    return synthetic_set(8, 0)
+
+
+def train_tiny(data_dir, run_dir, channels, epochs=CONFIG.epochs):
+    """A width-8 depth-3 U-Net trained on the synthetic set at 64 px; returns best.pt."""
+    split = su.split_by_patient(su.scan_dataset(data_dir), seed=0)
+    pre = su.Preprocess(size=64, channels=channels)
+    train_set = su.SliceDataset.from_records(split["train"], pre, progress=False)
+    val = su.prepare_volumes(su.load_volumes(split["val"], progress=False), pre)
+    su.seed_everything(0)
+    model = su.UNet(in_channels=len(channels), base_width=8, depth=3)
+    config = su.TrainConfig(epochs=epochs, batch_size=8, precision="fp32")
+    su.train(model, train_set, val, run_dir, config, pre, progress=False)
+    return run_dir / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(data_dir, tmp_path_factory):
+    """A 3-channel tiny U-Net."""
+    return train_tiny(data_dir, tmp_path_factory.mktemp("rgb"), [0, 1, 2])
+
+
+@pytest.fixture(scope="module")
+def flair_checkpoint(data_dir, tmp_path_factory):
+    """A FLAIR-only tiny U-Net."""
+    return train_tiny(data_dir, tmp_path_factory.mktemp("flair"), [su.FLAIR])
+
+
+@pytest.fixture(scope="module")
+def patient(data_dir):
+    """The synthetic patient whose tumour lies farthest from the image centre (so a wrong
+    flip moves it far), as a Volume, with its folder."""
+    volumes = su.load_volumes(su.scan_dataset(data_dir), progress=False)
+
+    def offset(v):
+        ys, xs = np.nonzero(v.mask.any(0))
+        return min(abs(ys.mean() - 127.5), abs(xs.mean() - 127.5))
+
+    vol = max(volumes, key=offset)
+    return vol, data_dir / vol.patient
+
+
+def direct_mask(checkpoint, vol):
+    """The reference: su.predict_volume at threshold 0.5 on the Volume itself."""
+    model, pre, _ = su.load_checkpoint(checkpoint)
+    return (su.predict_volume(model, vol, pre) >= 0.5).astype(np.uint8)
+
+
+def no_leftovers(out):
+    """Nothing at `out` and no staging folders beside it."""
+    return not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
+
+
+# ----------------------------------------------------------------------------- patient / slices
+
+
+def test_patient_folder_masks_dice_and_summary(checkpoint, patient, tmp_path):
+    vol, folder = patient
+    summary = su.predict(checkpoint, folder, tmp_path / "out", progress=False)
+    expected = direct_mask(checkpoint, vol)
+    pngs = [tmp_path / "out" / f"{vol.patient}_{n}_mask.png" for n in vol.slices]
+    masks = np.stack([cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in pngs])
+    assert set(np.unique(masks)) <= {0, 255} and masks.any()
+    np.testing.assert_array_equal(masks > 0, expected.astype(bool))
+    assert summary["input_kind"] == "patient"
+    assert summary["dice"] == pytest.approx(su.dice_score(expected, vol.mask))
+    assert summary["tumour_pixels"] == int(expected.sum())
+    assert summary["tumour_slice_count"] == int(expected.any((1, 2)).sum())
+    assert summary["settings"] == sp.DEFAULT_SETTINGS
+    assert "defaults" in summary["settings_source"]
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written == summary and cv2.imread(str(tmp_path / "out" / "overlay.png")) is not None
+
+
+def write_slices(vol, folder, flair_only=False):
+    """Slices as PNGs named scan-<n>.png (unpadded: 10 after 9), in the set's channel order."""
+    folder.mkdir()
+    for n, image in zip(vol.slices, vol.image):
+        pixels = image[..., su.FLAIR] if flair_only else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        cv2.imwrite(str(folder / f"scan-{n}.png"), pixels)
+    return folder
+
+
+def test_slice_folder_three_channel_png_matches_the_patient_folder(checkpoint, patient, tmp_path):
+    vol, _ = patient
+    folder = write_slices(vol, tmp_path / "slices")
+    summary = su.predict(checkpoint, folder, tmp_path / "out", progress=False)
+    masks = np.stack(
+        [cv2.imread(str(tmp_path / "out" / f"scan-{n}_mask.png"), 0) for n in vol.slices]
+    )
+    np.testing.assert_array_equal(masks > 0, direct_mask(checkpoint, vol).astype(bool))
+    assert summary["input_kind"] == "slices" and "dice" not in summary
+
+
+def test_flair_only_slices_with_a_flair_checkpoint(flair_checkpoint, patient, tmp_path):
+    vol, _ = patient
+    folder = write_slices(vol, tmp_path / "slices", flair_only=True)
+    summary = su.predict(flair_checkpoint, folder, tmp_path / "out", progress=False)
+    assert summary["given_inputs"] == ["FLAIR"] and summary["model_inputs"] == "FLAIR (INPUT)"
+    masks = np.stack(
+        [cv2.imread(str(tmp_path / "out" / f"scan-{n}_mask.png"), 0) for n in vol.slices]
+    )
+    np.testing.assert_array_equal(masks > 0, direct_mask(flair_checkpoint, vol).astype(bool))
+
+
+# ----------------------------------------------------------------------------- NIfTI
+
+# Hand-written layouts of the set's (D, H, W) = (inferior->superior, anterior->posterior,
+# right->left) volume: how to lay it out in the file, and each file axis's world direction in
+# RAS+ (x to the patient's left->Right, y posterior->Anterior, z inferior->Superior) and voxel
+# sizes: 1 mm in-plane, 2.5 mm slices.
+LAYOUTS = {
+    "LPS": (lambda v: v.transpose(2, 1, 0), [[-1, 0, 0], [0, -1, 0], [0, 0, 1]], (1, 1, 2.5)),
+    "ASR": (
+        lambda v: v[:, ::-1, ::-1].transpose(1, 0, 2),
+        [[0, 0, 1], [1, 0, 0], [0, 1, 0]],
+        (1, 2.5, 1),
+    ),
+}
+
+
+def write_nifti(path, array, directions, spacing):
+    """A NIfTI file whose axis i points along directions[:, i] with voxel size spacing[i]."""
+    nib = pytest.importorskip("nibabel")
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(directions, float) * np.asarray(spacing, float)
+    affine[:3, 3] = (-90.0, 120.0, -30.0)
+    nib.Nifti1Image(array, affine).to_filename(path)
+    return affine
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_nifti_round_trip_matches_the_slice_prediction(checkpoint, patient, tmp_path, layout):
+    nib = pytest.importorskip("nibabel")
+    vol, _ = patient
+    to_file, directions, spacing = LAYOUTS[layout]
+    paths = {c: tmp_path / f"{name}.nii.gz" for c, name in enumerate(("t1", "flair", "t1c"))}
+    for c, path in paths.items():
+        affine = write_nifti(path, to_file(vol.image[..., c]), directions, spacing)
+    assert "".join(nib.aff2axcodes(affine)) == layout
+    summary = su.predict(checkpoint, paths[1], tmp_path / "out", t1=paths[0], t1c=paths[2],
+                         progress=False)  # fmt: skip
+    out = nib.load(tmp_path / "out" / "mask.nii.gz")
+    mask = np.asanyarray(out.dataobj)
+    assert mask.shape == to_file(vol.mask).shape and mask.dtype == np.uint8
+    np.testing.assert_allclose(out.affine, affine)
+    expected = to_file(direct_mask(checkpoint, vol))
+    assert expected.any() and not np.array_equal(expected, np.flip(expected, 0))
+    np.testing.assert_array_equal(mask, expected)
+    assert summary["tumour_volume_ml"] == pytest.approx(expected.sum() * 2.5 / 1000)
+    assert summary["axcodes"] == layout
+
+
+def test_nifti_float_anisotropic_matrix_lands_on_the_tumour(checkpoint, patient, tmp_path):
+    """RAS file, 192 columns of 4/3 mm (the same 256 mm), float intensities: resampled to
+    256 x 256 and back; the mask must fall on the truth, and a flipped mask must not."""
+    nib = pytest.importorskip("nibabel")
+    vol, _ = patient
+
+    def to_file(v, interpolation):  # (D, 256, 256) -> RAS (192, 256, D)
+        narrow = np.stack([cv2.resize(s, (192, 256), interpolation=interpolation) for s in v])
+        return narrow[:, ::-1, ::-1].transpose(2, 1, 0)
+
+    paths = {}
+    for c, name in enumerate(("t1", "flair", "t1c")):
+        array = to_file(vol.image[..., c], cv2.INTER_AREA).astype(np.float32) * 3.7 + 11.0
+        paths[c] = tmp_path / f"{name}.nii"
+        write_nifti(paths[c], array, np.eye(3), (4 / 3, 1.0, 3.0))
+    su.predict(checkpoint, paths[1], tmp_path / "out", t1=paths[0], t1c=paths[2], progress=False)
+    mask = np.asanyarray(nib.load(tmp_path / "out" / "mask.nii.gz").dataobj)
+    truth = to_file(vol.mask, cv2.INTER_NEAREST)
+    assert mask.shape == truth.shape == (192, 256, len(vol.mask))
+    assert su.dice_score(truth, np.flip(truth, 0)) < 0.3  # a wrong flip would fail below
+    assert su.dice_score(mask, truth) > 0.6
+    assert (
+        su.dice_score(mask, np.flip(truth, 0)) < 0.3
+        and su.dice_score(mask, np.flip(truth, 1)) < 0.3
+    )
+
+
+def test_flair_only_nifti_with_flair_and_three_channel_checkpoints(
+    checkpoint, flair_checkpoint, patient, tmp_path
+):
+    vol, _ = patient
+    flair = tmp_path / "flair.nii.gz"
+    to_file, directions, spacing = LAYOUTS["LPS"]
+    write_nifti(flair, to_file(vol.image[..., su.FLAIR]), directions, spacing)
+    summary = su.predict(flair_checkpoint, flair, tmp_path / "flair-only", progress=False)
+    assert (
+        summary["given_inputs"] == ["FLAIR"] and (tmp_path / "flair-only" / "mask.nii.gz").is_file()
+    )
+    with pytest.raises(
+        DataError, match=r"--t1 pre-contrast.nii.gz and --t1c .*--fill-missing flair"
+    ):
+        su.predict(checkpoint, flair, tmp_path / "refused", progress=False)
+    assert no_leftovers(tmp_path / "refused")
+    filled = su.predict(
+        checkpoint, flair, tmp_path / "filled", fill_missing="flair", progress=False
+    )
+    assert filled["filled_from_flair"] == ["pre-contrast", "post-contrast"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_single_2d_image_is_refused(checkpoint, patient, tmp_path):
+    one = tmp_path / "one"
+    cv2.imwrite(str(one.with_suffix(".png")), patient[0].image[10])
+    with pytest.raises(DataError, match=r"one.png is a single 2D image.*whole scan"):
+        su.predict(checkpoint, one.with_suffix(".png"), tmp_path / "out", progress=False)
+    one.mkdir()
+    cv2.imwrite(str(one / "slice_1.png"), patient[0].image[10])
+    with pytest.raises(DataError, match=r"holds 1 slice image.*all slices"):
+        su.predict(checkpoint, one, tmp_path / "out", progress=False)
+    assert no_leftovers(tmp_path / "out")
+
+
+def test_slices_of_different_sizes_are_refused(checkpoint, patient, tmp_path):
+    folder = write_slices(patient[0], tmp_path / "slices")
+    cv2.imwrite(str(folder / "scan-3.png"), np.zeros((200, 256, 3), np.uint8))
+    with pytest.raises(DataError, match=r"scan-3.png: \(200, 256, 3\).*must match"):
+        su.predict(checkpoint, folder, tmp_path / "out", progress=False)
+    assert no_leftovers(tmp_path / "out")
+
+
+def test_nifti_volumes_of_different_shapes_are_refused(checkpoint, patient, tmp_path):
+    to_file, directions, _ = LAYOUTS["LPS"]
+    flair, t1 = tmp_path / "flair.nii.gz", tmp_path / "t1.nii.gz"
+    write_nifti(flair, to_file(patient[0].image[..., 1]), directions, (1, 1, 1))
+    write_nifti(t1, to_file(patient[0].image[2:, :, :, 0]), directions, (1, 1, 1))
+    with pytest.raises(DataError, match=r"t1.nii.gz: shape .* differ from the FLAIR .*resample"):
+        su.predict(checkpoint, flair, tmp_path / "out", t1=t1, t1c=flair, progress=False)
+    assert no_leftovers(tmp_path / "out")
+
+
+def test_channel_counts_the_model_cannot_use_are_refused(checkpoint, patient, tmp_path):
+    folder = tmp_path / "rgba"
+    folder.mkdir()
+    for n, image in zip(patient[0].slices[:3], patient[0].image):
+        cv2.imwrite(str(folder / f"s{n}.png"), np.dstack([image, image[..., :1]]))
+    with pytest.raises(DataError, match=r"s1.png: 4 channels"):
+        su.predict(checkpoint, folder, tmp_path / "out", progress=False)
+    grey = write_slices(patient[0], tmp_path / "grey", flair_only=True)
+    with pytest.raises(DataError, match=r"needs pre-contrast .* gives FLAIR: add 3-channel slices"):
+        su.predict(checkpoint, grey, tmp_path / "out", progress=False)
+    assert no_leftovers(tmp_path / "out")
+
+
+def test_unreadable_and_empty_files_are_refused(checkpoint, patient, tmp_path):
+    folder = write_slices(patient[0], tmp_path / "slices")
+    (folder / "scan-2.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"scan-2.png: cannot be read as an image"):
+        su.predict(checkpoint, folder, tmp_path / "out", progress=False)
+    empty = tmp_path / "empty.nii.gz"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty.nii.gz: missing or empty file"):
+        su.predict(checkpoint, empty, tmp_path / "out", progress=False)
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(DataError, match=r"broken.nii.gz: cannot be read as NIfTI"):
+        su.predict(checkpoint, broken, tmp_path / "out", progress=False)
+    zeros = tmp_path / "zeros.nii.gz"
+    write_nifti(zeros, np.zeros((64, 64, 8), np.float32), np.eye(3), (1, 1, 1))
+    with pytest.raises(DataError, match=r"zeros.nii.gz: the scan holds no signal"):
+        su.predict(checkpoint, zeros, tmp_path / "out", fill_missing="flair", progress=False)
+    assert no_leftovers(tmp_path / "out")
+
+
+def test_existing_results_are_kept_unless_overwrite(checkpoint, patient, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(DataError, match=r"out already exists with results.*--overwrite"):
+        su.predict(checkpoint, patient[1], out, progress=False)
+    assert (out / "summary.json").read_text() == "{}"
+    su.predict(checkpoint, patient[1], out, overwrite=True, progress=False)
+    assert json.loads((out / "summary.json").read_text())["input_kind"] == "patient"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left beside it
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def test_settings_come_from_notebook_04_and_flags_override(checkpoint, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(checkpoint.read_bytes())
+    chosen = dict(tta=True, threshold=0.7, min_size=200, keep_largest=False)
+    record = dict(checkpoint="../runs/unet/best.pt", chosen_on_validation=chosen)
+    (run / "test_metrics.json").write_text(json.dumps(record))
+    settings, source = sp.run_settings(run / "best.pt")
+    assert settings == chosen and "chosen on validation" in source
+    settings, source = sp.run_settings(run / "best.pt", threshold=0.3, tta=None)
+    assert (
+        settings == chosen | {"threshold": 0.3} and "overridden by the caller: threshold" in source
+    )
+    settings, source = sp.run_settings(run / "last.pt")  # notebook 04 scored best.pt, not this
+    assert settings == sp.DEFAULT_SETTINGS and "is for best.pt" in source
+    (run / "test_metrics.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match=r"test_metrics.json is damaged"):
+        sp.run_settings(run / "best.pt")
+
+
+# ----------------------------------------------------------------------------- channels
+
+
+def test_parse_channels_and_preprocess_validation():
+    assert sp.parse_channels("flair") == [1]
+    assert sp.parse_channels("all") == sp.parse_channels("2,0,1") == [0, 1, 2]
+    assert sp.parse_channels("FLAIR,post-contrast") == [1, 2]
+    with pytest.raises(ValueError, match="unknown channel 't2'"):
+        sp.parse_channels("t2")
+    for bad in ([], [0, 0], [3]):
+        with pytest.raises(ValueError, match="channels"):
+            su.Preprocess(channels=bad)
+
+
+def test_flair_only_model_trains_a_step_and_its_checkpoint_keeps_channels(flair_checkpoint):
+    model, pre, state = su.load_checkpoint(flair_checkpoint)
+    assert pre.channels == [su.FLAIR] and state["preprocess"]["channels"] == [su.FLAIR]
+    assert model.config["in_channels"] == 1 and sp.needed_inputs(pre) == "FLAIR (INPUT)"
+    x, y = torch.randn(2, 1, 64, 64), torch.zeros(2, 1, 64, 64)
+    before = model.head.weight.detach().clone()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss = su.train_step(model.train(), optimizer, x, y, "fp32")
+    assert np.isfinite(loss) and not torch.equal(before, model.head.weight)
+
+
+def test_old_checkpoints_without_channels_load_as_all_three(checkpoint, tmp_path):
+    state = su.read_checkpoint(checkpoint)
+    del state["preprocess"]["channels"]
+    su.save_checkpoint(state, tmp_path / "old.pt")
+    model, pre, _ = su.load_checkpoint(tmp_path / "old.pt")
+    assert pre.channels == [0, 1, 2] and model.config["in_channels"] == 3
+
+
+def test_inputs_command_through_python_m_seg_utils(flair_checkpoint, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "seg_utils", "inputs", str(flair_checkpoint)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and "needs: FLAIR (INPUT)" in done.stdout
+    assert (
+        sp.main(["predict", str(flair_checkpoint), str(tmp_path), "--out", str(tmp_path / "o")])
+        == 2
+    )
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
+    pytest.importorskip("onnxruntime")
+    path = su.export_onnx(checkpoint, tmp_path / "model.onnx")
+    session = sp.onnx_session(path)
+    model, pre, _ = su.load_checkpoint(checkpoint, torch.device("cpu"))
+    for batch in (1, 5):  # dynamic batch size
+        x = torch.randn(
+            batch, 3, pre.size, pre.size, generator=torch.Generator().manual_seed(batch)
+        )
+        (logits,) = session.run(["logits"], {"image": x.numpy()})
+        with torch.no_grad():
+            expected = torch.sigmoid(model.float()(x)).numpy()
+        assert logits.shape == (batch, 1, pre.size, pre.size)
+        assert np.abs(1 / (1 + np.exp(-logits)) - expected).max() < 1e-3
+    meta = session.get_modelmeta().custom_metadata_map  # {key: value} strings
+    assert json.loads(meta["seg_utils.preprocess"])["channels"] == [0, 1, 2]
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+# ----------------------------------------------------------------------------- site shifts
+
+
+def test_site_shifts_are_deterministic_and_change_the_scans(checkpoint, patient):
+    vol, _ = patient
+    rng = lambda: np.random.default_rng(0)  # noqa: E731
+    for name, shift in sp.SHIFTS.items():
+        out = shift(vol, rng())
+        assert out.image.dtype == np.uint8 and out.image.shape[1:] == vol.image.shape[1:], name
+        assert out.mask.shape == out.image.shape[:3], name
+        assert not np.array_equal(out.image, vol.image), name
+        np.testing.assert_array_equal(out.image, shift(vol, rng()).image, err_msg=name)
+    assert len(sp.SHIFTS["thinner slices (2x in z)"](vol, rng()).image) == 2 * len(vol.image) - 1
+    stripped = sp.skull_strip(vol)
+    assert stripped.image[:, 0, 128].max() == 0 and (stripped.mask == vol.mask).all()
+    model, pre, _ = su.load_checkpoint(checkpoint)
+    names = ["intensity x0.6", "Rician noise 5%"]
+    scores = su.site_shift_scores(model, pre, [vol], shifts=names, progress=False)
+    assert list(scores.columns) == ["clean", *names]
+    assert scores.loc[vol.patient, "clean"] == pytest.approx(
+        su.dice_score(direct_mask(checkpoint, vol), vol.mask)
+    )
+    again = su.site_shift_scores(model, pre, [vol], shifts=names[::-1], progress=False)
+    assert again.loc[vol.patient, names[1]] == scores.loc[vol.patient, names[1]]  # order-free seed
+    table = su.site_shift_table(scores)
+    assert table.loc["clean", "change vs clean"] == 0.0
