@@ -922,7 +922,8 @@ def _check_same_data(path: Path, state: dict, data: dict) -> None:
 def _resume(path: Path, model, optimizer, scheduler, config: TrainConfig, pre, data) -> list[dict]:
     """Restore model, optimiser, schedule and RNG from last.pt; return its history."""
     state = read_checkpoint(path)
-    if state["model_config"] != model.config or state["preprocess"] != asdict(pre):
+    saved_pre = asdict(Preprocess(**state["preprocess"]))  # fills fields added since (channels)
+    if state["model_config"] != model.config or saved_pre != asdict(pre):
         raise CheckpointError(f"{path} holds a model {state['model_config']} with preprocessing "
                               f"{state['preprocess']}: build the same, or use a new run folder")  # fmt: skip
     # only the stopping rule may change on resume: compare with the new patience filled in
