@@ -983,6 +983,19 @@ def predict_volumes(model, volumes: list[Volume], pre: Preprocess, tta=False, pr
     }
 
 
+
+def predict_ensemble(members: list, volumes: list[Volume], tta=False, progress=True) -> dict:
+    """Mean probability of several (model, Preprocess) pairs: {patient: (D, H, W)}."""
+    return {
+        v.patient: np.mean([predict_volume(m, v, p, tta=tta) for m, p in members], axis=0)
+        for v in tqdm(volumes, desc=f"predicting ({len(members)} models)", disable=not progress)
+    }
+
+
+def load_ensemble(run_dirs: list, name: str = "last.pt", device=None) -> list[tuple]:
+    """load_checkpoint(run_dir / name) for each run folder: [(model, Preprocess, state), ...]."""
+    return [load_checkpoint(Path(d) / name, device) for d in run_dirs]
+
 def postprocess(binary: np.ndarray, min_size: int = 0, keep_largest: bool = False) -> np.ndarray:
     """Drop 3D connected components under min_size voxels, or keep only the largest one."""
     from scipy import ndimage
@@ -1084,6 +1097,27 @@ def sweep_postprocessing(probs: dict, volumes: list[Volume], thresholds=(0.3, 0.
                                  keep_largest=keep_largest, dice=table.dice.mean()))  # fmt: skip
     return pd.DataFrame(rows)
 
+
+
+def choose_settings(sweeps: dict) -> dict:
+    """The best row of {tta: sweep_postprocessing table}; ties keep the first (no TTA, lower
+    thresholds first): {"tta", "threshold", "min_size", "keep_largest", "dice"}."""
+    import pandas as pd
+
+    table = pd.concat([t.assign(tta=tta) for tta, t in sweeps.items()], ignore_index=True)
+    best = table.loc[table.dice.idxmax()]
+    return dict(tta=bool(best.tta), threshold=float(best.threshold), min_size=int(best.min_size),
+                keep_largest=bool(best.keep_largest), dice=float(best.dice))  # fmt: skip
+
+
+def cross_validation_folds(patients, k: int = 5, seed: int = 0) -> list[list[str]]:
+    """k disjoint folds of patient ids: sorted, seeded shuffle, dealt out in turn (sizes differ
+    by at most one), so every patient is validated exactly once."""
+    ids = sorted(set(patients))
+    if not 2 <= k <= len(ids):
+        raise ValueError(f"{k} folds need 2 <= k <= the number of patients ({len(ids)})")
+    random.Random(seed).shuffle(ids)
+    return [sorted(ids[i::k]) for i in range(k)]
 
 # ----------------------------------------------------------------------------- visualisation
 
