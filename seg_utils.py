@@ -983,7 +983,6 @@ def predict_volumes(model, volumes: list[Volume], pre: Preprocess, tta=False, pr
     }
 
 
-
 def predict_ensemble(members: list, volumes: list[Volume], tta=False, progress=True) -> dict:
     """Mean probability of several (model, Preprocess) pairs: {patient: (D, H, W)}."""
     return {
@@ -995,6 +994,7 @@ def predict_ensemble(members: list, volumes: list[Volume], tta=False, progress=T
 def load_ensemble(run_dirs: list, name: str = "last.pt", device=None) -> list[tuple]:
     """load_checkpoint(run_dir / name) for each run folder: [(model, Preprocess, state), ...]."""
     return [load_checkpoint(Path(d) / name, device) for d in run_dirs]
+
 
 def postprocess(binary: np.ndarray, min_size: int = 0, keep_largest: bool = False) -> np.ndarray:
     """Drop 3D connected components under min_size voxels, or keep only the largest one."""
@@ -1098,7 +1098,6 @@ def sweep_postprocessing(probs: dict, volumes: list[Volume], thresholds=(0.3, 0.
     return pd.DataFrame(rows)
 
 
-
 def choose_settings(sweeps: dict) -> dict:
     """The best row of {tta: sweep_postprocessing table}; ties keep the first (no TTA, lower
     thresholds first): {"tta", "threshold", "min_size", "keep_largest", "dice"}."""
@@ -1118,6 +1117,7 @@ def cross_validation_folds(patients, k: int = 5, seed: int = 0) -> list[list[str
         raise ValueError(f"{k} folds need 2 <= k <= the number of patients ({len(ids)})")
     random.Random(seed).shuffle(ids)
     return [sorted(ids[i::k]) for i in range(k)]
+
 
 # ----------------------------------------------------------------------------- visualisation
 

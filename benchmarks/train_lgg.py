@@ -1,42 +1,106 @@
 """Train the project U-Net on the real LGG set outside Jupyter (same calls as notebook 03).
 
-    LGG_DATA=/path/to/kaggle_3m python benchmarks/train_lgg.py --run-dir runs/lgg --epochs 40
+    LGG_DATA=/path/to/kaggle_3m python benchmarks/train_lgg.py --run-dir runs/lgg
+    LGG_DATA=... python benchmarks/train_lgg.py --run-dir runs/lgg-old --recipe old
     LGG_DATA=... python benchmarks/train_lgg.py --run-dir runs/lgg-flair --channels flair
 
 Writes best.pt, last.pt and history.json to --run-dir; --resume continues an interrupted run.
 The split is seg_utils.split_by_patient(seed 0), which reproduces the benchmark's split.json.
+A recipe is every training choice at once: `--recipe default` takes this checkout's defaults
+(TrainConfig, Preprocess, UNet), `--recipe old` the first published default (README, 2026-11-25),
+so a comparison can be re-run after the defaults change; a flag given explicitly wins over both.
+cross_validate.py and time_to_dice.py train through the same functions.
 """
 
+from __future__ import annotations
+
 import argparse
+import inspect
+import os
+import platform
 import time
+from pathlib import Path
+
+import torch
 
 import seg_utils as su
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--run-dir", default="runs/lgg")
-parser.add_argument("--size", type=int, default=128)  # training image size
-parser.add_argument("--width", type=int, default=16)  # U-Net base width
-parser.add_argument("--depth", type=int, default=4)  # U-Net levels
-parser.add_argument("--epochs", type=int, default=40)
-parser.add_argument("--batch-size", type=int, default=16)
-parser.add_argument("--lr", type=float, default=3e-3)
-parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--patience", type=int, default=su.TrainConfig.patience)
-parser.add_argument("--resume", action="store_true")
-parser.add_argument("--channels", default="all", help="input channels: all, flair, or e.g. 1,2")
-args = parser.parse_args()
+_UNET = inspect.signature(su.UNet).parameters
+DEFAULTS = dict(  # this checkout's defaults: what `--recipe default` trains
+    size=su.Preprocess.size, width=_UNET["base_width"].default, depth=_UNET["depth"].default,
+    epochs=su.TrainConfig.epochs, batch_size=su.TrainConfig.batch_size, lr=su.TrainConfig.lr,
+    seed=su.TrainConfig.seed, patience=su.TrainConfig.patience, channels="all",
+)  # fmt: skip
+RECIPES = {
+    "default": {},
+    # the default of the first real-data results (README): 128 px, width 16, depth 4, 40 epochs
+    "old": dict(size=128, width=16, depth=4, epochs=40, batch_size=16, lr=3e-3, patience=40),
+}
 
-start = time.perf_counter()
-splits = su.split_by_patient(su.scan_dataset(su.resolve_data_dir()))
-pre = su.Preprocess(size=args.size, channels=su.parse_channels(args.channels))
-train_set = su.SliceDataset.from_records(splits["train"], pre, su.train_transform())
-val_volumes = su.prepare_volumes(su.load_volumes(splits["val"]), pre)
-su.seed_everything(args.seed)
-model = su.UNet(in_channels=len(pre.channels), base_width=args.width, depth=args.depth)
-config = su.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        seed=args.seed, patience=args.patience)  # fmt: skip
-print(f"{su.count_parameters(model):,} parameters, {len(train_set)} training slices, {config}")
-history = su.train(model, train_set, val_volumes, args.run_dir, config, pre, resume=args.resume)
-best = max(history, key=lambda h: h["val_dice"])
-print(f"best validation Dice {best['val_dice']:.4f} at epoch {best['epoch']}; "
-      f"{len(history)} epochs; wall {time.perf_counter() - start:.0f} s")  # fmt: skip
+
+def machine_line() -> str:
+    """CPU, cores, torch and the precision training will use: results depend on all four."""
+    cpuinfo = Path("/proc/cpuinfo")  # Linux; elsewhere the architecture is all we say
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    cpu = names[0] if names else platform.machine()
+    device = su.pick_device()
+    return (f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, device "
+            f"{device.type}, precision {su.pick_precision(device)}")  # fmt: skip
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose a recipe; each one left out comes from --recipe."""
+    parser.add_argument("--recipe", choices=RECIPES, default="default")
+    parser.add_argument("--size", type=int, help="training image size, px")
+    parser.add_argument("--width", type=int, help="U-Net channels at the first level")
+    parser.add_argument("--depth", type=int, help="U-Net levels (times H, W are halved)")
+    parser.add_argument("--epochs", type=int, help="length of the one-cycle schedule")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float, help="one-cycle peak learning rate")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--patience", type=int, help="early stopping, epochs without progress")
+    parser.add_argument("--channels", help="input channels: all, flair, or e.g. 1,2")
+
+
+def recipe_from_args(args: argparse.Namespace) -> dict:
+    """Every training choice: explicit flags over the named recipe over this checkout's defaults."""
+    given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
+    return {**DEFAULTS, **RECIPES[args.recipe], **given}
+
+
+def train_run(train_records, val_records, run_dir, recipe: dict, resume=False, progress=True):
+    """Prepare the data, build the U-Net and train it with `recipe`; returns the history."""
+    pre = su.Preprocess(size=recipe["size"], channels=su.parse_channels(recipe["channels"]))
+    train_set = su.SliceDataset.from_records(train_records, pre, su.train_transform(), progress)
+    val_volumes = su.prepare_volumes(su.load_volumes(val_records, progress), pre)
+    su.seed_everything(recipe["seed"])
+    model = su.UNet(
+        in_channels=len(pre.channels), base_width=recipe["width"], depth=recipe["depth"]
+    )
+    config = su.TrainConfig(epochs=recipe["epochs"], batch_size=recipe["batch_size"],
+                            lr=recipe["lr"], seed=recipe["seed"], patience=recipe["patience"])  # fmt: skip
+    print(f"{su.count_parameters(model):,} parameters, {len(train_set)} training slices, "
+          f"{pre}, {config}", flush=True)  # fmt: skip
+    return su.train(model, train_set, val_volumes, Path(run_dir), config, pre, resume=resume,
+                    progress=progress)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", default="runs/lgg")
+    parser.add_argument("--resume", action="store_true")
+    add_recipe_arguments(parser)
+    args = parser.parse_args()
+    print(machine_line())
+    start = time.perf_counter()
+    splits = su.split_by_patient(su.scan_dataset(su.resolve_data_dir()))
+    history = train_run(splits["train"], splits["val"], args.run_dir, recipe_from_args(args),
+                        resume=args.resume)  # fmt: skip
+    best = max(history, key=lambda h: h["val_dice"])
+    print(f"best validation Dice {best['val_dice']:.4f} at epoch {best['epoch']}; "
+          f"{len(history)} epochs; wall {time.perf_counter() - start:.0f} s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

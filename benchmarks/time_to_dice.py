@@ -1,0 +1,130 @@
+"""Time to Dice: validation Dice against wall-clock seconds for training recipes run one after the
+other on this machine, so that their ratio is measured side by side.
+
+    LGG_DATA=/path/to/kaggle_3m python benchmarks/time_to_dice.py --run-dir runs/ttd old default
+    LGG_DATA=... python benchmarks/time_to_dice.py old default:size=96,epochs=20 --figure img/time_to_dice.png
+
+Each positional argument is a recipe of train_lgg.py (`old`, `default`), optionally with changes
+(`default:size=96,epochs=20`). Each recipe trains on the split's training patients into
+run-dir/<recipe>/ (a finished run there is reused and marked so: its seconds come from the run
+that made it), with train()'s validation Dice after every epoch (training size, threshold 0.5,
+the model-selection score). The seconds of an epoch include its validation, as a user waits for it.
+Printed: each recipe's curve, the first recipe's best validation Dice as the target, the time
+every recipe took to reach it and the speed-up over the first recipe, and this machine's measured
+peak (the best of five 3x3 convolutions, 16 x 64 x 128 x 128), since machines of one name differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from train_lgg import DEFAULTS, RECIPES, machine_line, train_run
+
+import seg_utils as su
+
+
+def parse_recipe(text: str) -> tuple[str, dict]:
+    """ "default:size=96,epochs=20" -> (that text, every training choice of that recipe)."""
+    name, _, changes = text.partition(":")
+    if name not in RECIPES:
+        raise SystemExit(f"unknown recipe {name!r}: choose one of {', '.join(RECIPES)}")
+    recipe = {**DEFAULTS, **RECIPES[name]}
+    for change in filter(None, changes.split(",")):
+        key, _, value = change.partition("=")
+        if key not in DEFAULTS:
+            raise SystemExit(f"{text}: {key!r} is not one of {', '.join(DEFAULTS)}")
+        recipe[key] = type(DEFAULTS[key])(value)
+    return text, recipe
+
+
+def peak_gflops(dtype: torch.dtype, repeats: int = 5) -> float:
+    """This machine's best GFLOP/s on a 3x3 convolution, 16 x 64 x 128 x 128, channels_last."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 64, 128, 128, generator=gen).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 3, 3, generator=gen).to(dtype)
+    best = float("inf")
+    with torch.no_grad():
+        F.conv2d(x, w, padding=1)  # oneDNN builds its kernel on the first call
+        for _ in range(repeats):
+            start = time.perf_counter()
+            F.conv2d(x, w, padding=1)
+            best = min(best, time.perf_counter() - start)
+    return 2 * 16 * 128 * 128 * 64 * 64 * 9 / best / 1e9
+
+
+def curve(history: list[dict]) -> list[tuple[float, float]]:
+    """(cumulative seconds, validation Dice) after each epoch."""
+    seconds = torch.tensor([h["seconds"] for h in history]).cumsum(0).tolist()
+    return list(zip(seconds, [h["val_dice"] for h in history]))
+
+
+def seconds_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
+    """Wall-clock seconds until validation Dice first reached target; None if it never did."""
+    return next((s for s, d in points if d >= target), None)
+
+
+def run_recipe(name: str, recipe: dict, splits: dict, run_dir: Path) -> tuple[list, bool]:
+    """The recipe's history, trained now, or reused from a finished run (then True)."""
+    where = run_dir / name.replace(":", "_").replace(",", "_").replace("=", "-")
+    history_file = where / "history.json"
+    if history_file.exists():
+        history = json.loads(history_file.read_text())
+        if len(history) >= recipe["epochs"]:
+            return history, True
+    return train_run(splits["train"], splits["val"], where, recipe, progress=False), False
+
+
+def plot(curves: dict, target: float, path: str) -> None:
+    """Validation Dice against minutes, one line per recipe, the target dashed."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, points in curves.items():
+        ax.plot([s / 60 for s, _ in points], [d for _, d in points], "o-", ms=3, label=name)
+    ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.3f}")
+    ax.set(xlabel="training wall-clock, minutes", ylabel="validation Dice (per patient)",
+           title="time to Dice", ylim=(0, 1))  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipes", nargs="+", help="recipes, the first is the reference")
+    parser.add_argument("--run-dir", default="runs/time_to_dice")
+    parser.add_argument("--figure", help="also save the curves as this PNG")
+    args = parser.parse_args()
+    recipes = dict(map(parse_recipe, args.recipes))
+    print(machine_line())
+    bf16 = f"{peak_gflops(torch.bfloat16):.0f}" if su.cpu_supports_bf16() else "no native bf16"
+    print(f"peak 3x3 conv GFLOP/s: fp32 {peak_gflops(torch.float32):.0f}, bf16 {bf16}", flush=True)
+    splits = su.split_by_patient(su.scan_dataset(su.resolve_data_dir()))
+    curves = {}
+    for name, recipe in recipes.items():
+        history, reused = run_recipe(name, recipe, splits, Path(args.run_dir))
+        curves[name] = curve(history)
+        print(f"{name}{' (reused)' if reused else ''}: " + ", ".join(
+            f"{s:.0f}s {d:.3f}" for s, d in curves[name]), flush=True)  # fmt: skip
+    reference = next(iter(curves))
+    target = max(d for _, d in curves[reference])
+    base = seconds_to_reach(curves[reference], target)
+    print(f"\ntarget: {reference}'s best validation Dice {target:.4f}")
+    for name, points in curves.items():
+        reached = seconds_to_reach(points, target)
+        best = max(d for _, d in points)
+        when = f"{reached:.0f} s, {base / reached:.2f}x faster" if reached else "never"
+        print(f"{name}: best {best:.4f} after {points[-1][0]:.0f} s in all; target reached: {when}")
+    if args.figure:
+        plot(curves, target, args.figure)
+        print(f"wrote {args.figure}")
+
+
+if __name__ == "__main__":
+    main()

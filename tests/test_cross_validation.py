@@ -1,0 +1,125 @@
+"""Cross-validation folds, ensembles, out-of-fold choices and the time-to-Dice benchmark.
+
+The end-to-end test runs benchmarks/cross_validate.py as a user would, 2 folds of a tiny U-Net
+for one epoch on the synthetic set (about half a minute on 2 cores).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO_ROOT
+
+import seg_utils as su
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import time_to_dice  # noqa: E402
+import train_lgg  # noqa: E402
+
+TINY = ["--size", "32", "--width", "4", "--depth", "2", "--epochs", "1", "--batch-size", "4"]
+
+
+def test_folds_cover_every_patient_once_in_near_equal_sizes():
+    ids = [f"P{i:02d}" for i in range(11)]
+    folds = su.cross_validation_folds(ids + ids[:3], k=5, seed=0)  # duplicates count once
+    assert sorted(len(f) for f in folds) == [2, 2, 2, 2, 3]
+    assert sorted(p for f in folds for p in f) == ids
+    assert folds == su.cross_validation_folds(list(reversed(ids)), k=5, seed=0)  # order-free
+    assert folds != su.cross_validation_folds(ids, k=5, seed=1)
+
+
+@pytest.mark.parametrize("k", [1, 12])
+def test_impossible_fold_counts_are_refused(k):
+    with pytest.raises(ValueError, match="folds need"):
+        su.cross_validation_folds([f"P{i}" for i in range(11)], k=k)
+
+
+def test_ensemble_is_the_mean_probability_of_its_members(synthetic_set):
+    volume = su.load_volumes(su.scan_dataset(synthetic_set(4))[:6], progress=False)[0]
+    pre = su.Preprocess(size=32)
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        members.append((su.UNet(base_width=4, depth=2).eval(), pre))
+    singles = [su.predict_volume(m, volume, p) for m, p in members]
+    assert not np.allclose(singles[0], singles[1])  # two different models
+    ensemble = su.predict_ensemble(members, [volume], progress=False)[volume.patient]
+    np.testing.assert_allclose(ensemble, (singles[0] + singles[1]) / 2, atol=1e-6)
+
+
+def test_choose_settings_takes_the_best_row_and_breaks_ties_towards_no_tta():
+    def table(dice):
+        return pd.DataFrame(
+            dict(threshold=[0.4, 0.5], min_size=[0, 100], keep_largest=[False, False], dice=dice)
+        )
+
+    chosen = su.choose_settings({False: table([0.70, 0.80]), True: table([0.80, 0.75])})
+    assert chosen == dict(tta=False, threshold=0.5, min_size=100, keep_largest=False, dice=0.80)
+    chosen = su.choose_settings({False: table([0.70, 0.80]), True: table([0.81, 0.75])})
+    assert (chosen["tta"], chosen["threshold"], chosen["min_size"]) == (True, 0.4, 0)
+
+
+def _run(script, *args, data):
+    env = dict(os.environ, LGG_DATA=str(data), PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / script), *args],
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_two_fold_cross_validation_end_to_end(synthetic_set, tmp_path):
+    data, run_dir = synthetic_set(10), tmp_path / "cv"
+    done = _run("cross_validate.py", "--run-dir", str(run_dir), "--folds", "2", *TINY, data=data)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((run_dir / "cv_summary.json").read_text())
+    splits = su.split_by_patient(su.scan_dataset(data))
+    pool = {r.patient for r in splits["train"] + splits["val"]}
+    test = {r.patient for r in splits["test"]}
+    assert set(summary["cv_patient_dice"]) == pool  # every pool patient scored out-of-fold once
+    assert set(summary["test_ensemble_patient_dice"]) == test and not pool & test
+    assert sorted(p for fold in summary["folds"] for p in fold) == sorted(pool)
+    assert len(summary["test_per_fold_model"]) == 2 and len(summary["fold_train_seconds"]) == 2
+    assert 0 <= summary["cv"]["patient Dice mean"] <= 1
+    for k in (1, 2):  # the fold model never trained on its held-out patients
+        state = su.read_checkpoint(run_dir / f"fold-{k}" / "last.pt")
+        assert set(state["patients"]["val"]) == set(summary["folds"][k - 1])
+        assert not set(state["patients"]["train"]) & (set(summary["folds"][k - 1]) | test)
+    again = _run("cross_validate.py", "--run-dir", str(run_dir), "--folds", "2", "--fold", "2",
+                 *TINY, data=data)  # fmt: skip
+    assert again.returncode == 0 and "fold 2/2: 4 held-out patients: already done" in again.stdout
+
+
+def test_cross_validation_refuses_another_recipe_in_the_same_folder(synthetic_set, tmp_path):
+    data, run_dir = synthetic_set(10), tmp_path / "cv"
+    first = _run("cross_validate.py", "--run-dir", str(run_dir), "--folds", "2", "--fold", "1",
+                 *TINY, data=data)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    other = _run("cross_validate.py", "--run-dir", str(run_dir), "--folds", "2", *TINY,
+                 "--lr", "0.01", data=data)  # fmt: skip
+    assert other.returncode != 0 and "holds other folds or another recipe" in other.stderr
+    bad = _run("cross_validate.py", "--run-dir", str(run_dir), "--folds", "2", "--fold", "3",
+               *TINY, data=data)  # fmt: skip
+    assert bad.returncode != 0 and "choose one of 1..2" in bad.stderr
+
+
+def test_recipes_explicit_flags_win_over_the_named_recipe():
+    parser = train_lgg.argparse.ArgumentParser()
+    train_lgg.add_recipe_arguments(parser)
+    old = train_lgg.recipe_from_args(parser.parse_args(["--recipe", "old", "--epochs", "7"]))
+    assert old["epochs"] == 7 and old["size"] == 128 and old["width"] == 16
+    name, recipe = time_to_dice.parse_recipe("old:size=96,lr=0.001")
+    assert (recipe["size"], recipe["lr"], recipe["epochs"]) == (96, 0.001, 40)
+    with pytest.raises(SystemExit, match="not one of"):
+        time_to_dice.parse_recipe("old:colour=red")
+
+
+def test_time_to_reach_a_dice_known_answer():
+    history = [dict(seconds=10.0, val_dice=0.5), dict(seconds=20.0, val_dice=0.7),
+               dict(seconds=10.0, val_dice=0.65)]  # fmt: skip
+    points = time_to_dice.curve(history)
+    assert points == [(10.0, 0.5), (30.0, 0.7), (40.0, 0.65)]
+    assert time_to_dice.seconds_to_reach(points, 0.6) == 30.0
+    assert time_to_dice.seconds_to_reach(points, 0.71) is None
