@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import seg_synthetic
 import seg_utils as su
 from seg_utils import DataError, SliceRecord
 
@@ -150,7 +151,7 @@ def test_synthetic_interrupted_generation_cleans_up(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return np.zeros((2, 64, 64, 3), np.uint8), np.zeros((2, 64, 64), np.uint8)
 
-    monkeypatch.setattr(su, "_synthetic_patient", patient)
+    monkeypatch.setattr(seg_synthetic, "_synthetic_patient", patient)
     root = tmp_path / "set"
     with pytest.raises(KeyboardInterrupt):
         su.make_synthetic_dataset(root, n_patients=3)
@@ -339,7 +340,7 @@ def test_train_transform_keeps_mask_binary_and_aligned():
     image = rng.integers(20, 60, (depth, size, size, 3)).astype(np.uint8)
     image[..., su.FLAIR] = np.where(blob, 255, 40)
     mask = np.repeat(blob[None], depth, 0).astype(np.uint8)
-    norm = su.volume_norm(image, su.Preprocess())
+    norm = su.volume_norm(image)
     volume = su.PreparedVolume("P", image, mask, (0, size, 0, size), (size, size), norm)
     dataset = su.SliceDataset([volume], su.train_transform(seed=0))
     threshold = (0.5 - norm[2, su.FLAIR]) / norm[3, su.FLAIR]  # half-way, in normalised units
@@ -543,7 +544,6 @@ def test_slices_of_one_patient_with_different_sizes(tmp_path):
     odd, _ = write_pair(tmp_path / "kaggle_3m", "P", 2, size=96)
     with pytest.raises(DataError, match=re.escape(str(tmp_path / "kaggle_3m" / "P"))):
         load_all(tmp_path)  # load_volumes' np.stack raises a bare ValueError naming no file
-    assert odd.exists()  # the message should name the odd file or at least the patient folder
 
 
 def test_resolve_data_dir_bad_env_value():
