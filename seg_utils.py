@@ -734,8 +734,10 @@ def postprocess(binary: np.ndarray, min_size: int = 0, keep_largest: bool = Fals
     """Drop 3D connected components under min_size voxels, or keep only the largest one."""
     from scipy import ndimage
 
-    labels, n = ndimage.label(binary)
-    if n == 0 or (min_size <= 0 and not keep_largest):
+    if min_size <= 0 and not keep_largest:
+        return binary.astype(bool)
+    labels, n = ndimage.label(binary)  # 3D: blobs that touch across slices are one
+    if n == 0:
         return binary.astype(bool)
     sizes = np.bincount(labels.ravel())[1:]
     keep = sizes == sizes.max() if keep_largest else sizes >= min_size
@@ -776,7 +778,7 @@ def score_patients(probs: dict, volumes: list[Volume], threshold=0.5, min_size=0
         dice = float(dice_from_counts(i, ps, ts))
         patients.append(dict(
             patient=vol.patient, slices=len(vol.slices), tumour_slices=int((t > 0).sum()),
-            truth_px=ts, pred_px=ps, inter_px=i, dice=dice, iou=dice / (2 - dice),  # same rule
+            truth_px=ts, pred_px=ps, inter_px=i, dice=dice, iou=dice / (2 - dice),  # IoU from Dice
             precision=i / ps if ps else float(ts == 0), recall=i / ts if ts else float(ps == 0),
         ))  # fmt: skip
     return pd.DataFrame(patients), pd.DataFrame(slices), masks
@@ -801,14 +803,15 @@ def summarise(patients, slices) -> dict:
     i, p, t = (patients[c].sum() for c in ("inter_px", "pred_px", "truth_px"))
     tumour, empty = slices[slices.truth_px > 0], slices[slices.truth_px == 0]
     lo, hi = bootstrap_ci(patients.dice)
+    pooled = float(dice_from_counts(i, p, t))
     metrics = {
         "patient Dice mean": patients.dice.mean(),
         "patient Dice median": patients.dice.median(),
         "patient Dice 95% CI low": lo,
         "patient Dice 95% CI high": hi,
         "patient IoU mean": patients.iou.mean(),
-        "pooled Dice": dice_from_counts(i, p, t),
-        "pooled IoU": dice_from_counts(i, p, t) / (2 - dice_from_counts(i, p, t)),
+        "pooled Dice": pooled,
+        "pooled IoU": pooled / (2 - pooled),  # IoU = Dice / (2 - Dice), empty rule included
         "pooled precision": i / p if p else float("nan"),
         "pooled recall": i / t if t else float("nan"),
         "tumour-slice Dice mean": tumour.dice.mean(),  # NaN where no slice has tumour

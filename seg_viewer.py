@@ -51,10 +51,12 @@ def render_slice(image, mask=None, pred=None, channel=FLAIR, opacity=0.35, size=
 
 
 def mask_viewer(volumes: list, probs: dict | None = None, model=None, pre=None,
-                threshold: float = 0.5):  # fmt: skip
+                threshold: float = 0.5, min_size: int = 0, keep_largest: bool = False,
+                tta: bool = False):  # fmt: skip
     """ipywidgets viewer: patient, slice, channel, truth/prediction, opacity and threshold.
-    Predictions come from `probs` ({patient: (D, H, W)}) or from `model` + `pre`, computed
-    once per patient. The returned VBox has `.controls` (a dict of its widgets) for tests."""
+    Predictions come from `probs` ({patient: (D, H, W)}) or from `model` + `pre` (with `tta`),
+    computed once per patient, then thresholded and post-processed (su.postprocess with
+    `min_size`, `keep_largest`). The returned VBox has `.controls` (its widgets) for tests."""
     import ipywidgets as W
 
     import seg_utils as su  # late: seg_utils imports this module
@@ -62,7 +64,7 @@ def mask_viewer(volumes: list, probs: dict | None = None, model=None, pre=None,
     if model is not None and pre is None:
         raise ValueError("mask_viewer(model=...) needs pre= too: take both from load_checkpoint")
     by_name = {v.patient: v for v in volumes}
-    cache = dict(probs or {})
+    cache, masks = dict(probs or {}), {}  # probabilities per patient, masks per threshold
     has_pred = probs is not None or model is not None
     c = {
         "patient": W.Dropdown(options=list(by_name), description="patient"),
@@ -89,13 +91,20 @@ def mask_viewer(volumes: list, probs: dict | None = None, model=None, pre=None,
 
     def probabilities(vol: su.Volume):
         if vol.patient not in cache and model is not None:
-            cache[vol.patient] = su.predict_volume(model, vol, pre)
+            cache[vol.patient] = su.predict_volume(model, vol, pre, tta=tta)
         return cache.get(vol.patient)
+
+    def prediction(vol: su.Volume, threshold: float):
+        prob = probabilities(vol) if has_pred else None
+        if prob is not None and (vol.patient, threshold) not in masks:
+            masks[vol.patient, threshold] = su.postprocess(
+                prob >= threshold, min_size, keep_largest
+            )
+        return masks.get((vol.patient, threshold))
 
     def redraw(*_):
         vol, z = by_name[c["patient"].value], c["slice"].value
-        prob = probabilities(vol) if has_pred else None
-        pred = None if prob is None else prob >= c["threshold"].value
+        pred = prediction(vol, c["threshold"].value)
         show_pred = pred is not None and c["pred"].value
         c["image"].value = render_slice(vol.image[z], vol.mask[z] if c["truth"].value else None,
                                         pred[z] if show_pred else None,
