@@ -1,6 +1,6 @@
-"""Reading the kaggle_3m folder safely: the file names, the checks on every folder and file, and
-DataError, whose message names the file and the fix. seg_utils.scan_dataset and read_slice (lesson
-01) build on these; no lesson teaches them.
+"""Reading the kaggle_3m folder and split files safely: the file names, the checks on every folder
+and file, and DataError, whose message names the file and the fix. seg_utils.scan_dataset and
+read_slice (lesson 01) build on these; no lesson teaches them. Its public names are su.<name> too.
 
 The layout (the LGG MRI Segmentation set, and the synthetic stand-in of seg_synthetic.py):
     kaggle_3m/<patient>/<patient>_<n>.tif         (H, W, 3) uint8 slice n, channels as CHANNELS
@@ -9,6 +9,7 @@ The layout (the LGG MRI Segmentation set, and the synthetic stand-in of seg_synt
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -21,6 +22,12 @@ FLAIR = 1
 
 class DataError(ValueError):
     """A data-set problem that the user can fix; the message names the file and the fix."""
+
+
+def error_gist(error: Exception) -> str:
+    """The type and first sentence of an exception, for messages that say what went wrong."""
+    text = " ".join(str(error).split()).split("WeightsUnpickler error: ")[-1]  # torch.load's gist
+    return f"{type(error).__name__}: {text.split('. ')[0][:240]}"
 
 
 def find_kaggle_dir(root: str | Path) -> Path:
@@ -88,3 +95,25 @@ def read_tiff(path: Path, what: str) -> np.ndarray:
     if array.dtype != np.uint8:
         raise DataError(f"{path}: expected 8-bit pixels, found {array.dtype}")
     return array
+
+
+def load_split_file(path: str | Path, records: list) -> dict[str, list]:
+    """Split SliceRecords by a JSON file {"splits": {"train": [ids], "val": [...], "test": [...]}}."""
+    try:
+        splits = {
+            name: set(ids) for name, ids in json.loads(Path(path).read_text())["splits"].items()
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path} is not a split file ({error_gist(e)}): it must hold "
+                        '{"splits": {"train": [ids], "val": [ids], "test": [ids]}}') from e  # fmt: skip
+    names = list(splits)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            both = sorted(splits[first] & splits[second])
+            if both:
+                raise DataError(f"{path} puts {both[:3]}... in both {first} and {second}: "
+                                "each patient belongs to one split only")  # fmt: skip
+    missing = sorted(set().union(*splits.values()) - {r.patient for r in records})
+    if missing:
+        raise DataError(f"{path} names patients with no data: {missing[:3]}... check LGG_DATA")
+    return {name: [r for r in records if r.patient in ids] for name, ids in splits.items()}

@@ -2,8 +2,10 @@
 resume, and earlier runs kept instead of overwritten.
 
 No lesson teaches this file (notebook 03 says what it guarantees); seg_utils.train calls it, and
-`su.save_checkpoint`, `su.read_checkpoint` and `su.CheckpointError` are the same objects. A run
-folder holds best.pt, last.pt and history.json, and moves an earlier run to previous-<time>/.
+`su.save_checkpoint`, `su.read_checkpoint`, `su.check_split` and `su.CheckpointError` are the
+same objects. A run folder holds best.pt, last.pt and history.json (and notebook 04's
+test_metrics.json); a fresh start moves an earlier run to previous-<time>/. Each checkpoint
+records its training and validation patients, which check_split holds an evaluation split against.
 """
 
 from __future__ import annotations
@@ -18,17 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from seg_files import DataError, error_gist
+
 CHECKPOINT_FORMAT = "seg_utils.unet.v1"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not fit this code or this run."""
-
-
-def error_gist(error: Exception) -> str:
-    """The type and first sentence of an exception, for messages that say what went wrong."""
-    text = " ".join(str(error).split()).split("WeightsUnpickler error: ")[-1]  # torch.load's gist
-    return f"{type(error).__name__}: {text.split('. ')[0][:240]}"
 
 
 def _plain(value):
@@ -183,3 +181,18 @@ def on_disk_after_interrupt(run_dir: Path) -> str:
         return f"Interrupted before the first epoch was saved: {run_dir} holds no last.pt."
     epoch = read_checkpoint(last)["epoch"]
     return f"Interrupted. {last} holds epoch {epoch}: call train(..., resume=True) to continue."
+
+
+def check_split(state: dict, splits: dict) -> None:
+    """Raise DataError if a validation or test patient was among the checkpoint's training
+    patients, or a test patient among its validation patients (a different split or data)."""
+    used = state.get("patients")
+    if used is None:  # checkpoints written before patients were recorded
+        return
+    now = {name: {r.patient for r in splits[name]} for name in ("val", "test")}
+    leaked = sorted(
+        ((now["val"] | now["test"]) & set(used["train"])) | (now["test"] & set(used["val"]))
+    )
+    if leaked:
+        raise DataError(f"{len(leaked)} evaluation patients ({', '.join(leaked[:3])}, ...) were used to "
+                        "train or choose this checkpoint: use the LGG_DATA and SEG_SPLIT_SEED of notebook 03")  # fmt: skip

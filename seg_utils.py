@@ -7,21 +7,23 @@ source from here (`su.show_source(su.UNet)`): what a lesson displays is what run
     data_dir = su.resolve_data_dir()          # real LGG data if present, else a synthetic set
     records = su.scan_dataset(data_dir)       # one record per image/mask pair
 
-Contents                                                     taught in notebook
-    1. Data: find, split, load, look at                          01_explore_data
-    2. From scan to network input: crop, normalise, augment      02_preview_augmentation
-    3. The U-Net, its loss and its training                      03_train_unet
-    4. Evaluation: predict, Dice, post-process, report           04_evaluate
-    5. The mask viewer                                           05_mask_viewer
-    6. Tools: show_source and `python -m seg_utils data`         (no lesson)
+Contents                                                               taught in notebook
+    1. Data: scan_dataset, split_by_patient, load_volumes, head_mask       01_explore_data
+    2. Scan to network input: brain_box, crop_box, volume_norm,            02_preview_augmentation
+       prepare_volume, train_transform, SliceDataset, tumour_weights
+    3. Model and training: UNet, bce_dice_loss, train_step, train,         03_train_unet
+       load_checkpoint
+    4. Evaluation: predict_volume, uncrop, dice_from_counts, postprocess,  04_evaluate
+       score_patients, summarise, sweep_postprocessing
+    5. The mask viewer: mask_viewer                                        05_mask_viewer
+    6. Tools: show_source, `python -m seg_utils data`                      (no lesson)
 Code that no lesson teaches lives in modules of its own, whose public names are also su.<name>:
 seg_files.py (file names and checks, DataError), seg_synthetic.py (the synthetic MRI set),
-seg_runs.py (checkpoint files, resume, run folders) and seg_viewer.py (drawing, the viewer).
+seg_runs.py (checkpoint files, resume, run folders) and seg_draw.py (slices, curves, plots).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -35,12 +37,27 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from seg_draw import (
+    PRED_RGB,
+    TRUTH_RGB,
+    LivePlot,
+    draw_overlay,
+    overlay,
+    plot_history,
+    plot_patient_dice,
+    render_slice,
+    show_examples,
+    zoom_around,
+)
+
 # The modules below hold what no lesson teaches; the names imported from them are su.<name> too.
 from seg_files import (
     CHANNELS,
     FLAIR,
     DataError,
+    error_gist,
     find_kaggle_dir,
+    load_split_file,
     patient_folders,
     read_tiff,
     slice_files,
@@ -48,7 +65,7 @@ from seg_files import (
 from seg_runs import (
     CHECKPOINT_FORMAT,
     CheckpointError,
-    error_gist,
+    check_split,
     on_disk_after_interrupt,
     read_checkpoint,
     save_checkpoint,
@@ -56,9 +73,25 @@ from seg_runs import (
     start_run,
 )
 from seg_synthetic import make_synthetic_dataset
-from seg_viewer import PRED_RGB, TRUTH_RGB, draw_overlay, mask_viewer, overlay, render_slice
 
 # ----------------------------- 1. Data: find, split, load, look at (notebook 01)
+
+
+def resolve_data_dir(env_value: str | None = None, data_root: str | Path | None = None) -> Path:
+    """Real data from LGG_DATA or data/kaggle_3m if present, else the synthetic set (made once)."""
+    env_value = os.environ.get("LGG_DATA", "") if env_value is None else env_value
+    if env_value:
+        return find_kaggle_dir(env_value)
+    data_root = Path(data_root) if data_root else Path(__file__).resolve().parent / "data"
+    if (data_root / "kaggle_3m").is_dir():
+        return find_kaggle_dir(data_root)
+    synthetic = data_root / "synthetic"
+    if not (synthetic / "kaggle_3m").is_dir():
+        print(f"No real data found: generating the synthetic set in {synthetic}")
+        make_synthetic_dataset(
+            synthetic, n_patients=int(os.environ.get("SEG_SYNTH_PATIENTS", "20"))
+        )
+    return synthetic / "kaggle_3m"
 
 
 @dataclass(frozen=True)
@@ -99,45 +132,6 @@ def split_by_patient(
         "test": set(patients[n_train + n_val :]),
     }
     return {name: [r for r in records if r.patient in ids] for name, ids in groups.items()}
-
-
-def load_split_file(path: str | Path, records: list[SliceRecord]) -> dict[str, list[SliceRecord]]:
-    """Split records by a JSON file {"splits": {"train": [ids], "val": [...], "test": [...]}}."""
-    try:
-        splits = {
-            name: set(ids) for name, ids in json.loads(Path(path).read_text())["splits"].items()
-        }
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise DataError(f"{path} is not a split file ({error_gist(e)}): it must hold "
-                        '{"splits": {"train": [ids], "val": [ids], "test": [ids]}}') from e  # fmt: skip
-    names = list(splits)
-    for i, first in enumerate(names):
-        for second in names[i + 1 :]:
-            both = sorted(splits[first] & splits[second])
-            if both:
-                raise DataError(f"{path} puts {both[:3]}... in both {first} and {second}: "
-                                "each patient belongs to one split only")  # fmt: skip
-    missing = sorted(set().union(*splits.values()) - {r.patient for r in records})
-    if missing:
-        raise DataError(f"{path} names patients with no data: {missing[:3]}... check LGG_DATA")
-    return {name: [r for r in records if r.patient in ids] for name, ids in splits.items()}
-
-
-def resolve_data_dir(env_value: str | None = None, data_root: str | Path | None = None) -> Path:
-    """Real data from LGG_DATA or data/kaggle_3m if present, else the synthetic set (made once)."""
-    env_value = os.environ.get("LGG_DATA", "") if env_value is None else env_value
-    if env_value:
-        return find_kaggle_dir(env_value)
-    data_root = Path(data_root) if data_root else Path(__file__).resolve().parent / "data"
-    if (data_root / "kaggle_3m").is_dir():
-        return find_kaggle_dir(data_root)
-    synthetic = data_root / "synthetic"
-    if not (synthetic / "kaggle_3m").is_dir():
-        print(f"No real data found: generating the synthetic set in {synthetic}")
-        make_synthetic_dataset(
-            synthetic, n_patients=int(os.environ.get("SEG_SYNTH_PATIENTS", "20"))
-        )
-    return synthetic / "kaggle_3m"
 
 
 def read_slice(record: SliceRecord) -> tuple[np.ndarray, np.ndarray]:
@@ -197,29 +191,6 @@ def middle_tumour_slice(mask: np.ndarray) -> int:
     """Index of the middle one of the tumour slices of a (D, H, W) mask (no tumour: the middle)."""
     tumour = np.flatnonzero(mask.any(axis=(1, 2)))
     return int(tumour[len(tumour) // 2]) if len(tumour) else len(mask) // 2
-
-
-def show_examples(volumes: list[Volume], n: int = 8, seed: int = 0, channel=None, cols=4):
-    """A grid of random tumour slices (one per patient) with the truth outlined."""
-    import matplotlib.pyplot as plt
-
-    rng = np.random.default_rng(seed)
-    picks = rng.choice(len(volumes), min(n, len(volumes)), replace=False)
-    rows = int(np.ceil(len(picks) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for ax, v in zip(axes.flat, picks):
-        vol = volumes[v]
-        z = (
-            rng.choice(np.flatnonzero(vol.mask.any((1, 2))))
-            if vol.mask.any()
-            else len(vol.mask) // 2
-        )
-        draw_overlay(ax, vol.image[z], vol.mask[z], channel=channel,
-                     title=f"{vol.patient} slice {vol.slices[z]}")  # fmt: skip
-    fig.tight_layout()
-    return fig
 
 
 # ----------------------------- 2. From scan to network input (notebook 02)
@@ -629,60 +600,7 @@ def load_checkpoint(path: str | Path, device: torch.device | None = None):
     return model, pre, state
 
 
-def plot_history(history: list[dict], axes=None):
-    """Training loss and validation Dice per epoch, side by side."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    epochs = [h["epoch"] for h in history]
-    axes[0].plot(epochs, [h["train_loss"] for h in history], "o-")
-    axes[0].set(xlabel="epoch", ylabel="training loss (BCE + Dice)", title="loss")
-    axes[1].plot(epochs, [h["val_dice"] for h in history], "o-", color="tab:green")
-    axes[1].set(
-        xlabel="epoch", ylabel="mean per-patient Dice", title="validation Dice", ylim=(0, 1)
-    )
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return axes
-
-
-class LivePlot:
-    """on_epoch_end callback for train(): redraws plot_history in one notebook output."""
-
-    def __init__(self):
-        self.handle = None
-
-    def __call__(self, history: list[dict]) -> None:
-        import matplotlib.pyplot as plt
-        from IPython.display import display
-
-        axes = plot_history(history)
-        fig = axes[0].figure
-        if self.handle is None:
-            self.handle = display(fig, display_id=True)
-        else:
-            self.handle.update(fig)
-        plt.close(fig)
-
-
 # ----------------------------- 4. Evaluation (notebook 04)
-
-
-def check_split(state: dict, splits: dict) -> None:
-    """Raise DataError if a validation or test patient was among the checkpoint's training
-    patients, or a test patient among its validation patients (a different split or data)."""
-    used = state.get("patients")
-    if used is None:  # checkpoints written before patients were recorded
-        return
-    now = {name: {r.patient for r in splits[name]} for name in ("val", "test")}
-    leaked = sorted(
-        ((now["val"] | now["test"]) & set(used["train"])) | (now["test"] & set(used["val"]))
-    )
-    if leaked:
-        raise DataError(f"{len(leaked)} evaluation patients ({', '.join(leaked[:3])}, ...) were used to "
-                        "train or choose this checkpoint: use the LGG_DATA and SEG_SPLIT_SEED of notebook 03")  # fmt: skip
 
 
 def uncrop(prob: np.ndarray, box: tuple, shape: tuple) -> np.ndarray:
@@ -838,40 +756,97 @@ def sweep_postprocessing(probs: dict, volumes: list[Volume], thresholds=(0.3, 0.
     return pd.DataFrame(rows)
 
 
-def plot_patient_dice(patients, summary: dict):
-    """Per-patient Dice: a box plot with every patient as a dot, and the patients as sorted bars."""
-    import matplotlib.pyplot as plt
-
-    order = patients.sort_values("dice")
-    fig, (ax_box, ax_bar) = plt.subplots(1, 2, figsize=(13, 4), width_ratios=[1, 4])
-    ax_box.boxplot(patients.dice, widths=0.5, showfliers=False)
-    jitter = np.random.default_rng(0).uniform(-0.12, 0.12, len(patients))  # spread the dots
-    ax_box.scatter(1 + jitter, patients.dice, s=18, alpha=0.7, zorder=3)
-    ax_box.set(ylim=(-0.02, 1.02), ylabel="Dice per patient", xticks=[], title="distribution")
-    ax_bar.bar(range(len(order)), order.dice, color="tab:blue")
-    for stat, color, style in [("mean", "k", "--"), ("median", "tab:orange", ":")]:
-        value = summary[f"patient Dice {stat}"]
-        ax_bar.axhline(value, color=color, ls=style, lw=1.5, label=f"{stat} {value:.3f}")
-    ax_bar.set_xticks(range(len(order)), order.patient, rotation=90, fontsize=7)
-    ax_bar.set(ylim=(0, 1.02), ylabel="Dice", title="test patients, sorted")
-    ax_bar.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def zoom_around(ax, mask: np.ndarray, most: float = 2.0) -> None:
-    """Zoom an image axis in on the pixels of a (H, W) mask, at most `most` times, kept inside."""
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
-        return
-    height, width = mask.shape
-    half = int(np.clip(0.7 * max(np.ptp(ys), np.ptp(xs)), height / most / 2, height // 2))
-    cy = np.clip((ys.min() + ys.max()) // 2, half, height - half)
-    cx = np.clip((xs.min() + xs.max()) // 2, half, width - half)
-    ax.set(xlim=(cx - half, cx + half), ylim=(cy + half, cy - half))
-
-
 # ----------------------------- 5. The mask viewer (notebook 05)
+
+
+def mask_viewer(volumes: list[Volume], probs: dict | None = None, model=None, pre=None,
+                threshold: float = 0.5, min_size: int = 0, keep_largest: bool = False,
+                tta: bool = False):  # fmt: skip
+    """ipywidgets viewer: patient, slice, channel, truth/prediction, opacity and threshold.
+    Predictions come from `probs` ({patient: (D, H, W)}) or from `model` + `pre` (with `tta`),
+    computed once per patient, then thresholded and post-processed (postprocess with
+    `min_size`, `keep_largest`). The returned VBox has `.controls` (its widgets) for tests."""
+    import ipywidgets as W
+
+    if model is not None and pre is None:
+        raise ValueError("mask_viewer(model=...) needs pre= too: take both from load_checkpoint")
+    by_name = {v.patient: v for v in volumes}
+    cache, masks = dict(probs or {}), {}  # probabilities per patient, masks per threshold
+    has_pred = probs is not None or model is not None
+    c = {
+        "patient": W.Dropdown(options=list(by_name), description="patient"),
+        "slice": W.IntSlider(0, 0, 1, description="slice", readout=False),  # the label names it
+        "jump": W.Button(description="next tumour slice", icon="forward"),
+        "channel": W.Dropdown(
+            options=[(n, i) for i, n in enumerate(CHANNELS)] + [("all three", -1)],
+            value=FLAIR,
+            description="channel",
+        ),  # fmt: skip
+        "truth": W.Checkbox(True, description="truth (green)", indent=False),
+        "pred": W.Checkbox(
+            has_pred, description="prediction (red)", disabled=not has_pred, indent=False
+        ),
+        "opacity": W.FloatSlider(0.35, min=0.0, max=1.0, step=0.05, description="opacity"),
+        "threshold": W.FloatSlider(
+            threshold, min=0.05, max=0.95, step=0.05, description="threshold", disabled=not has_pred
+        ),  # fmt: skip
+        "label": W.Label(),
+        "image": W.Image(format="png", width=384, height=384),
+    }
+    for name, widget in c.items():
+        widget.add_class(f"viewer-{name}")
+
+    def probabilities(vol: Volume):
+        if vol.patient not in cache and model is not None:
+            cache[vol.patient] = predict_volume(model, vol, pre, tta=tta)
+        return cache.get(vol.patient)
+
+    def prediction(vol: Volume, threshold: float):
+        prob = probabilities(vol) if has_pred else None
+        if prob is not None and (vol.patient, threshold) not in masks:
+            masks[vol.patient, threshold] = postprocess(prob >= threshold, min_size, keep_largest)
+        return masks.get((vol.patient, threshold))
+
+    def redraw(*_):
+        vol, z = by_name[c["patient"].value], c["slice"].value
+        pred = prediction(vol, c["threshold"].value)
+        show_pred = pred is not None and c["pred"].value
+        c["image"].value = render_slice(vol.image[z], vol.mask[z] if c["truth"].value else None,
+                                        pred[z] if show_pred else None,
+                                        None if c["channel"].value < 0 else c["channel"].value,
+                                        c["opacity"].value)  # fmt: skip
+        text = f"{vol.patient} slice {vol.slices[z]} ({z + 1}/{len(vol.slices)}), tumour px {int(vol.mask[z].sum())}"
+        if pred is not None:
+            text += (f" | Dice slice {dice_score(pred[z], vol.mask[z]):.3f}, patient "
+                     f"{dice_score(pred, vol.mask):.3f} @ threshold {c['threshold'].value:.2f}")  # fmt: skip
+        c["label"].value = text
+
+    def new_patient(*_):
+        vol = by_name[c["patient"].value]
+        c["slice"].unobserve(redraw, "value")  # one redraw below, not one per change
+        try:
+            c["slice"].max = len(vol.slices) - 1  # may clamp the old value
+            c["slice"].value = middle_tumour_slice(vol.mask)
+        finally:
+            c["slice"].observe(redraw, "value")
+        redraw()
+
+    def next_tumour(*_):
+        tumour = np.flatnonzero(by_name[c["patient"].value].mask.any((1, 2)))
+        later = tumour[tumour > c["slice"].value]
+        if len(tumour):
+            c["slice"].value = int(later[0] if len(later) else tumour[0])
+
+    c["patient"].observe(new_patient, "value")
+    c["jump"].on_click(next_tumour)
+    for name in ("slice", "channel", "truth", "pred", "opacity", "threshold"):
+        c[name].observe(redraw, "value")
+    new_patient()
+    controls = W.VBox([c["patient"], W.HBox([c["slice"], c["jump"]]), c["channel"],
+                       W.HBox([c["truth"], c["pred"]]), c["opacity"], c["threshold"]])  # fmt: skip
+    box = W.VBox([W.HBox([controls, c["image"]]), c["label"]])
+    box.controls = c
+    return box
 
 
 # ----------------------------- 6. Tools: show the source, command line (no lesson)
