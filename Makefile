@@ -7,9 +7,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RUN_DIR := runs/latest
+HTML_DIR := runs/html
 NOTEBOOKS = $(sort $(wildcard notebooks/[0-9]*.ipynb))
 VIEWER_PORT ?= 8866
-LINT_PATHS := seg_utils.py seg_predict.py tests benchmarks notebooks
+LINT_PATHS := seg_utils.py seg_files.py seg_synthetic.py seg_runs.py seg_draw.py seg_predict.py seg_ensemble.py tests benchmarks notebooks
 
 # Every recipe sees these; LGG_DATA and SEG_* pass through from the caller's environment untouched.
 # MPLBACKEND=Agg is deliberately NOT exported for everything: ipykernel only selects the inline
@@ -18,12 +19,13 @@ LINT_PATHS := seg_utils.py seg_predict.py tests benchmarks notebooks
 # (tests/conftest.py sets it too).
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: help venv data run test lab viewer lint browser-deps clean
+.PHONY: help venv data run html test lab viewer lint browser-deps clean
 
 help:
 	@echo "make venv          create/update .venv from requirements.txt (+ editable seg_utils)"
 	@echo "make data          resolve the data (LGG_DATA, data/kaggle_3m/ or synthetic) and say where"
 	@echo "make run           execute notebooks/[0-9]*.ipynb in order into $(RUN_DIR)/"
+	@echo "make html          render the executed notebooks of 'make run' to $(HTML_DIR)/"
 	@echo "make test          pytest tests/ and the notebooks (nbval, SEG_QUICK=1)"
 	@echo "make lab           JupyterLab on notebooks/"
 	@echo "make viewer        Voila mask viewer on http://127.0.0.1:$(VIEWER_PORT)/"
@@ -54,6 +56,12 @@ run: venv data
 	    --output-dir $(RUN_DIR) "$$nb" || { echo "FAILED: $$nb (executed copies so far in $(RUN_DIR)/)" >&2; exit 1; }; \
 	done
 	@echo "Executed notebooks are in $(CURDIR)/$(RUN_DIR)/"
+
+html: venv
+	@ls $(RUN_DIR)/[0-9]*.ipynb >/dev/null 2>&1 \
+	  || { echo "error: no executed notebooks in $(RUN_DIR)/: run 'make run' first" >&2; exit 1; }
+	$(VENV)/bin/jupyter nbconvert --to html --output-dir $(HTML_DIR) $(RUN_DIR)/[0-9]*.ipynb
+	@echo "The lessons as HTML, outputs included: $(CURDIR)/$(HTML_DIR)/"
 
 test: venv
 	MPLBACKEND=Agg $(PY) -m pytest tests/ -q

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import seg_files
+import seg_synthetic
 import seg_utils as su
 from seg_utils import CHANNELS, FLAIR, CheckpointError, DataError
 
@@ -199,7 +201,7 @@ def read_slice_folder(folder: Path) -> Scan:
     full = np.zeros((*image.shape[:3], 3), np.uint8)  # (D, H, W, 3)
     present = (0, 1, 2) if image.shape[3] == 3 else (FLAIR,)
     full[..., list(present)] = image
-    kind = "patient" if all(su._NAME.match(p.name) for p in paths) else "slices"
+    kind = "patient" if all(seg_files._NAME.match(p.name) for p in paths) else "slices"
     return Scan(folder, kind, full, present, [p.stem for p in paths], truth)
 
 
@@ -576,7 +578,9 @@ def _rician(volume: su.Volume, rng, level: float) -> su.Volume:
 
 def _bias(volume: su.Volume, rng, strength: float) -> su.Volume:
     """Multiply by a smooth field 1 +- strength (coarse 3x3x3 noise, upsampled)."""
-    field = 1 + strength * su._smooth_noise(rng, volume.mask.shape, (3, 3, 3))  # (D, H, W)
+    field = 1 + strength * seg_synthetic._smooth_noise(
+        rng, volume.mask.shape, (3, 3, 3)
+    )  # (D, H, W)
     return _with(volume, volume.image * field[..., None])
 
 

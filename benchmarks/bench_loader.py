@@ -28,9 +28,7 @@ dataset = su.SliceDataset.from_records(records, pre, su.train_transform(seed=0),
 device = su.pick_device()
 precision = su.pick_precision(device)
 su.seed_everything(0)
-model = su.UNet().to(device)
-if precision == "bf16":
-    model.to(memory_format=torch.channels_last)
+model = su.to_layout(su.UNet().to(device), precision)
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 config = su.TrainConfig(batch_size=args.batch_size)
 

@@ -134,24 +134,17 @@ def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 def model_steps(model: torch.nn.Module, x, y, precision: str) -> dict:
     """{"train": step(), "infer": step()} for a copy of `model` in one precision."""
-    bf16 = precision == "bf16"
-    model = copy.deepcopy(model)  # each precision starts from the same weights, fresh Adam
-    if bf16:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+    model = su.to_layout(copy.deepcopy(model), precision)  # same weights for each, fresh Adam
+    x = su.to_layout(x, precision)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
 
     def train_step():
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = su.bce_dice_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
+        model.train()  # infer_step leaves it in eval mode
+        su.train_step(model, optimizer, x, y, precision)  # the step su.train takes
 
     def infer_step():
         model.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad(), su.autocast(x.device, precision):
             model(x)
 
     return {"train": train_step, "infer": infer_step}

@@ -11,7 +11,6 @@ timings go to test-artifacts/ (git-ignored).
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from viewer_label import parse
 
 import seg_utils as su
 
@@ -41,18 +41,6 @@ CHROMIUM_ARGS = [
 ]
 STARTUP_TIMEOUT_S = 120  # Voila runs the whole notebook before it sends the page
 UPDATE_TIMEOUT_MS = 15_000  # one kernel round trip; generous for a loaded 2-core machine
-
-LABEL = re.compile(
-    r"^(?P<patient>\S+) slice (?P<n>\d+) \((?P<pos>\d+)/(?P<depth>\d+)\), tumour px (?P<px>\d+)"
-    r"(?: \| Dice slice (?P<dice_slice>[\d.]+), patient (?P<dice_patient>[\d.]+)"
-    r" @ threshold (?P<threshold>[\d.]+))?$"
-)
-
-
-def parse(label: str) -> dict:
-    match = LABEL.match(label.strip())
-    assert match, f"unexpected viewer label: {label!r}"
-    return match.groupdict()
 
 
 def require_browser() -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import seg_synthetic
 import seg_utils as su
 from seg_utils import DataError, SliceRecord
 
@@ -150,7 +151,7 @@ def test_synthetic_interrupted_generation_cleans_up(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return np.zeros((2, 64, 64, 3), np.uint8), np.zeros((2, 64, 64), np.uint8)
 
-    monkeypatch.setattr(su, "_synthetic_patient", patient)
+    monkeypatch.setattr(seg_synthetic, "_synthetic_patient", patient)
     root = tmp_path / "set"
     with pytest.raises(KeyboardInterrupt):
         su.make_synthetic_dataset(root, n_patients=3)
@@ -339,7 +340,7 @@ def test_train_transform_keeps_mask_binary_and_aligned():
     image = rng.integers(20, 60, (depth, size, size, 3)).astype(np.uint8)
     image[..., su.FLAIR] = np.where(blob, 255, 40)
     mask = np.repeat(blob[None], depth, 0).astype(np.uint8)
-    norm = su.volume_norm(image, su.Preprocess())
+    norm = su.volume_norm(image)
     volume = su.PreparedVolume("P", image, mask, (0, size, 0, size), (size, size), norm)
     dataset = su.SliceDataset([volume], su.train_transform(seed=0))
     threshold = (0.5 - norm[2, su.FLAIR]) / norm[3, su.FLAIR]  # half-way, in normalised units
@@ -543,7 +544,6 @@ def test_slices_of_one_patient_with_different_sizes(tmp_path):
     odd, _ = write_pair(tmp_path / "kaggle_3m", "P", 2, size=96)
     with pytest.raises(DataError, match=re.escape(str(tmp_path / "kaggle_3m" / "P"))):
         load_all(tmp_path)  # load_volumes' np.stack raises a bare ValueError naming no file
-    assert odd.exists()  # the message should name the odd file or at least the patient folder
 
 
 def test_resolve_data_dir_bad_env_value():
@@ -596,3 +596,51 @@ def test_real_patient_loads(lgg_dir, tmp_path):
     assert 20 <= len(vol.slices) <= 88
     spec = json.loads((lgg_dir / "split.json").read_text())
     assert any(patient in ids for ids in spec["splits"].values())
+
+
+# ----------------------------------------------------------------------------- preparation, known answers
+
+
+def test_brain_box_known_answer():
+    """A 40 x 20 bright block (rows 20-59, columns 30-49) over faint noise: with no margin the
+    box is the 40 x 40 square centred on the block."""
+    image = np.full((2, 100, 100, 3), 5, np.uint8)  # faint background, under 10% of the maximum
+    image[1, 20:60, 30:50] = 200
+    assert su.brain_box(image, margin=0) == (20, 60, 20, 60)
+    y0, y1, x0, x1 = su.brain_box(image)  # the default margin widens the square on every side
+    assert y0 < 20 and y1 > 60 and x0 < 20 and x1 > 60 and y1 - y0 == x1 - x0
+
+
+def test_crop_box_pads_outside_the_image():
+    array = np.arange(1, 101, dtype=np.float32).reshape(1, 10, 10)
+    out = su.crop_box(array, (-2, 8, 5, 15))  # 2 rows above the image, 5 columns to its right
+    assert out.shape == (1, 10, 10)
+    assert (out[0, :2] == 0).all() and (out[0, :, 5:] == 0).all()
+    np.testing.assert_array_equal(out[0, 2:, :5], array[0, :8, 5:])
+
+
+@pytest.mark.parametrize("box", [(20, 60, 20, 60), (-10, 50, 30, 90)], ids=["inside", "past edges"])
+def test_crop_then_uncrop_is_the_identity_inside_the_box(box):
+    rng = np.random.default_rng(0)
+    prob = rng.random((3, 64, 64)).astype(np.float32)
+    cropped = su.crop_box(prob, box)  # (3, 40 or 60, ...) at the box's own size: no resizing
+    back = su.uncrop(cropped, box, (64, 64))
+    y0, y1, x0, x1 = box
+    inside = np.zeros((64, 64), bool)
+    inside[max(y0, 0) : y1, max(x0, 0) : x1] = True
+    np.testing.assert_allclose(back[:, inside], prob[:, inside], atol=1e-6)
+    assert (back[:, ~inside] == 0).all()
+
+
+def test_per_scan_normalisation_known_answer():
+    """Values 0..99 per channel: p10 = 9.9 and p99 = 98.01 (linear percentiles); the normalised
+    scan has mean 0 and standard deviation 1 per channel, and twice as bright a scan gives
+    the same network input: the point of normalising each scan on its own."""
+    image = np.repeat(np.arange(100, dtype=np.uint8).reshape(1, 10, 10, 1), 3, axis=3)
+    norm = su.volume_norm(image)
+    np.testing.assert_allclose(norm[:2], [[9.9] * 3, [98.01] * 3], rtol=1e-6)
+    x = su.normalise(image, norm)
+    np.testing.assert_allclose(x.mean((0, 1, 2)), 0, atol=1e-5)
+    np.testing.assert_allclose(x.std((0, 1, 2)), 1, atol=1e-4)
+    brighter = image * 2
+    np.testing.assert_allclose(su.normalise(brighter, su.volume_norm(brighter)), x, atol=1e-5)

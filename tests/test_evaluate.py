@@ -1,7 +1,10 @@
 """Evaluation: metrics on hand-made volumes with known answers, post-processing, the sweep."""
 
+import warnings
+
 import numpy as np
 import pytest
+import torch
 
 import seg_utils as su
 
@@ -167,3 +170,49 @@ def test_overlay_colours_truth_green_prediction_red_overlap_yellow():
     r, g, _ = rgb[0, 1]
     assert r > 0.9 and g > 0.85  # both tints: yellow
     assert tuple(rgb[3, 3]) == pytest.approx((1.0, 1.0, 1.0))  # untouched grey, scaled per channel
+
+
+# ----------------------------------------------------------------------------- TTA, empty sets
+
+
+def prepared(image: np.ndarray) -> su.PreparedVolume:
+    """A PreparedVolume around a (D, S, S, 3) uint8 image, for predict_prepared."""
+    mask = np.zeros(image.shape[:3], np.uint8)
+    return su.PreparedVolume("P", image, mask, (0, 32, 0, 32), (32, 32), su.volume_norm(image))
+
+
+def test_tta_flips_the_mirrored_prediction_back():
+    """A pixel-wise model (1x1 convolution) gives the same answer with and without TTA only if
+    the mirrored prediction is flipped back; any model with TTA is mirror-symmetric."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    image[:, :, :8] = 0  # left and right differ
+    torch.manual_seed(0)
+    pixelwise = torch.nn.Conv2d(3, 1, 1).eval()
+    plain = su.predict_prepared(pixelwise, prepared(image), "fp32", tta=False)
+    np.testing.assert_allclose(su.predict_prepared(pixelwise, prepared(image), "fp32", tta=True),
+                               plain, atol=1e-6)  # fmt: skip
+    model = su.UNet(base_width=4, depth=2).eval()
+    tta = su.predict_prepared(model, prepared(image), "fp32", tta=True)
+    mirrored = su.predict_prepared(model, prepared(image[:, :, ::-1].copy()), "fp32", tta=True)
+    np.testing.assert_allclose(mirrored, tta[:, :, ::-1], atol=1e-5)
+
+
+def test_summarise_a_set_without_tumour():
+    """No tumour anywhere: nothing predicted scores 1.0 (both empty), one stray pixel scores
+    0.0; the measures that need tumour are NaN, and nothing divides by zero."""
+    volumes = [volume("A", np.zeros((3, 16, 16))), volume("B", np.zeros((2, 16, 16)))]
+    nothing = {v.patient: np.zeros(v.mask.shape, np.float32) for v in volumes}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a division by zero would warn
+        summary = su.summarise(*su.evaluate_patients(nothing, volumes))
+        assert summary["patient Dice mean"] == summary["pooled Dice"] == 1.0
+        assert summary["pooled IoU"] == 1.0 and summary["slice detection specificity"] == 1.0
+        assert summary["empty slices"] == 5 and summary["empty slices with false positives"] == 0
+        for key in ("pooled recall", "pooled precision", "tumour-slice Dice mean"):
+            assert np.isnan(summary[key]), key
+        stray = {**nothing, "A": nothing["A"].copy()}
+        stray["A"][1, 8, 8] = 0.9
+        summary = su.summarise(*su.evaluate_patients(stray, volumes))
+    assert summary["pooled Dice"] == 0.0 and summary["patient Dice mean"] == 0.5
+    assert summary["empty slices with false positives"] == 1

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import seg_runs
 import seg_utils as su
 from seg_utils import CheckpointError
 
@@ -416,7 +417,7 @@ def test_ctrl_c_during_a_checkpoint_write_reports_what_is_on_disk(data, tmp_path
             raise KeyboardInterrupt  # Ctrl-C before the new last.pt replaced the old one
         save(state, path)
 
-    monkeypatch.setattr(su, "save_checkpoint", interrupted)
+    monkeypatch.setattr(seg_runs, "save_checkpoint", interrupted)
     config = su.TrainConfig(epochs=3, batch_size=8, precision="fp32")
     su.train(new_model(0), data[0], data[1], tmp_path, config, PRE, progress=False)
     assert su.read_checkpoint(tmp_path / "last.pt")["epoch"] == 1
@@ -554,6 +555,8 @@ def test_pick_precision(monkeypatch):
         assert su.pick_precision(cpu, "fp32") == "fp32"
 
 
-def test_cpu_supports_bf16_reads_cpu_flags():
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    assert su.cpu_supports_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+def test_checkpoints_from_before_channels_and_the_retired_normalisation_still_load():
+    old = dict(size=64, crop_brain=True, normalisation="volume", mean=[0.0] * 3, std=[1.0] * 3)
+    assert su.Preprocess.from_saved(old) == su.Preprocess(size=64, channels=[0, 1, 2])
+    with pytest.raises(ValueError, match="global normalisation"):
+        su.Preprocess.from_saved(dict(old, normalisation="global"))

@@ -5,27 +5,14 @@ added, so the Dice depends on the threshold); widget values are changed in code 
 the rendered PNG are checked against what seg_utils computes directly.
 """
 
-import re
 import time
 
 import cv2
 import numpy as np
 import pytest
+from viewer_label import parse
 
 import seg_utils as su
-
-# "SYN_P006_0000 slice 15 (15/27), tumour px 1264 | Dice slice 0.812, patient 0.790 @ threshold 0.50"
-LABEL = re.compile(
-    r"^(?P<patient>\S+) slice (?P<n>\d+) \((?P<pos>\d+)/(?P<depth>\d+)\), tumour px (?P<px>\d+)"
-    r"(?: \| Dice slice (?P<dice_slice>[\d.]+), patient (?P<dice_patient>[\d.]+)"
-    r" @ threshold (?P<threshold>[\d.]+))?$"
-)
-
-
-def parse(label: str) -> dict:
-    match = LABEL.match(label)
-    assert match, f"unexpected viewer label: {label!r}"
-    return match.groupdict()
 
 
 def decode(png: bytes) -> np.ndarray:

@@ -1,0 +1,119 @@
+"""Reading the kaggle_3m folder and split files safely: the file names, the checks on every folder
+and file, and DataError, whose message names the file and the fix. seg_utils.scan_dataset and
+read_slice (lesson 01) build on these; no lesson teaches them. Its public names are su.<name> too.
+
+The layout (the LGG MRI Segmentation set, and the synthetic stand-in of seg_synthetic.py):
+    kaggle_3m/<patient>/<patient>_<n>.tif         (H, W, 3) uint8 slice n, channels as CHANNELS
+    kaggle_3m/<patient>/<patient>_<n>_mask.tif    (H, W) uint8, 0 or 255
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")  # channel order of every image
+FLAIR = 1
+
+
+class DataError(ValueError):
+    """A data-set problem that the user can fix; the message names the file and the fix."""
+
+
+def error_gist(error: Exception) -> str:
+    """The type and first sentence of an exception, for messages that say what went wrong."""
+    text = " ".join(str(error).split()).split("WeightsUnpickler error: ")[-1]  # torch.load's gist
+    return f"{type(error).__name__}: {text.split('. ')[0][:240]}"
+
+
+def find_kaggle_dir(root: str | Path) -> Path:
+    """Return the folder holding the patient folders: `root` itself or `root/kaggle_3m`."""
+    root = Path(root).expanduser()
+    hint = (
+        "Download the LGG MRI Segmentation set (Kaggle: mateuszbuda/lgg-mri-segmentation) and "
+        "point LGG_DATA at its kaggle_3m folder, or unset LGG_DATA to use the synthetic set."
+    )
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist. {hint}")
+    if (root / "kaggle_3m").is_dir():
+        root = root / "kaggle_3m"
+    if not any(p.is_dir() for p in root.iterdir()):
+        raise DataError(f"data folder {root} has no patient folders. {hint}")
+    return root
+
+
+_NAME = re.compile(r"^(?P<patient>.+)_(?P<n>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
+
+
+def _listing(folder: Path) -> list[Path]:
+    """A folder's entries, sorted; an unreadable folder or a broken link is a DataError."""
+    try:
+        paths = sorted(folder.iterdir())
+    except OSError as e:
+        raise DataError(f"{folder} cannot be read ({e.strerror}): fix its permissions") from e
+    for path in paths:
+        if path.is_symlink() and not path.exists():  # would be skipped or fail later, unnamed
+            raise DataError(f"{path} is a broken link: point it at its target, or remove it")
+    return paths
+
+
+def patient_folders(root: Path) -> list[Path]:
+    """Every patient folder under root, sorted (hidden ones such as .ipynb_checkpoints are not)."""
+    return [p for p in _listing(root) if p.is_dir() and not p.name.startswith(".")]
+
+
+def slice_files(folder: Path) -> tuple[dict, dict]:
+    """{slice number: path} of a patient's images and of its masks (.tif/.tiff, any case)."""
+    images, masks = {}, {}
+    for path in [p for p in _listing(folder) if p.suffix.lower() in (".tif", ".tiff")]:
+        match = _NAME.match(path.name)
+        if not match or match["patient"] != folder.name:
+            raise DataError(f"{path}: expected {folder.name}_<n>.tif or {folder.name}_<n>_mask.tif")
+        found = masks if match["mask"] else images
+        n = int(match["n"])
+        if n in found:  # P_5.tif and P_05.tif: which mask goes with which image is unknown
+            raise DataError(f"{found[n]} and {path} are both slice {n}: keep one, remove the other")
+        found[n] = path
+    if not images and not masks:
+        raise DataError(
+            f"{folder} holds no {folder.name}_<n>.tif images: add them, or move it away"
+        )
+    return images, masks
+
+
+def read_tiff(path: Path, what: str) -> np.ndarray:
+    """Read a TIFF unchanged, or raise DataError naming the file."""
+    if not path.is_file():
+        raise DataError(f"{path}: {what} file is missing")
+    array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if array is None or array.size == 0:
+        raise DataError(f"{path}: cannot be read as an image (corrupt or truncated?): replace it")
+    if array.dtype != np.uint8:
+        raise DataError(f"{path}: expected 8-bit pixels, found {array.dtype}")
+    return array
+
+
+def load_split_file(path: str | Path, records: list) -> dict[str, list]:
+    """Split SliceRecords by a JSON file {"splits": {"train": [ids], "val": [...], "test": [...]}}."""
+    try:
+        splits = {
+            name: set(ids) for name, ids in json.loads(Path(path).read_text())["splits"].items()
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path} is not a split file ({error_gist(e)}): it must hold "
+                        '{"splits": {"train": [ids], "val": [ids], "test": [ids]}}') from e  # fmt: skip
+    names = list(splits)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            both = sorted(splits[first] & splits[second])
+            if both:
+                raise DataError(f"{path} puts {both[:3]}... in both {first} and {second}: "
+                                "each patient belongs to one split only")  # fmt: skip
+    missing = sorted(set().union(*splits.values()) - {r.patient for r in records})
+    if missing:
+        raise DataError(f"{path} names patients with no data: {missing[:3]}... check LGG_DATA")
+    return {name: [r for r in records if r.patient in ids] for name, ids in splits.items()}
