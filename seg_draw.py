@@ -10,6 +10,18 @@ import numpy as np
 
 from seg_files import FLAIR
 
+
+def show_source(*objects) -> None:
+    """Display the source of seg_utils functions or classes, highlighted, in a notebook: a
+    lesson shows the code that runs, never a copy of it."""
+    import inspect
+
+    from IPython.display import Code, display
+
+    for obj in objects:
+        display(Code(inspect.getsource(obj), language="python"))
+
+
 TRUTH_RGB, PRED_RGB = (0.0, 0.9, 0.0), (1.0, 0.1, 0.1)  # green truth, red prediction
 
 

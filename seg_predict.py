@@ -638,7 +638,7 @@ def site_shift_table(scores):
 
 
 def _parser() -> argparse.ArgumentParser:
-    """The predict / export / inputs command line."""
+    """The command line of `python -m seg_utils`: data, predict, export, inputs."""
     parser = argparse.ArgumentParser(
         prog="python -m seg_utils", description=__doc__.splitlines()[0]
     )
@@ -665,6 +665,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("onnx", type=Path, help="output file, e.g. model.onnx")
     i = sub.add_parser("inputs", help="say which scans a checkpoint needs")
     i.add_argument("checkpoint", type=Path)
+    sub.add_parser("data", help="find (or generate) the data set and print where it is")
     return parser
 
 
@@ -672,7 +673,10 @@ def main(argv=None) -> int:
     """Run one command; errors the user can fix print one line and return 2."""
     args = _parser().parse_args(argv)
     try:
-        if args.command == "predict":
+        if args.command == "data":
+            found = su.resolve_data_dir()
+            print(f"data: {found} ({len(su.scan_dataset(found))} slices)")
+        elif args.command == "predict":
             summary = predict(args.checkpoint, args.input, args.out, args.t1, args.t1c,
                               args.threshold, args.min_size, args.keep_largest, args.tta,
                               args.fill_missing, args.overwrite, not args.quiet)  # fmt: skip

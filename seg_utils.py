@@ -16,7 +16,7 @@ Contents                                                               taught in
     4. Evaluation: predict_volume, uncrop, dice_from_counts, postprocess,  04_evaluate
        score_patients, summarise, sweep_postprocessing
     5. The mask viewer: mask_viewer                                        05_mask_viewer
-    6. Tools: show_source, `python -m seg_utils data`                      (no lesson)
+    6. Tools: show_source, `python -m seg_utils data|predict|export`       (no lesson)
 Code that no lesson teaches lives in modules of its own, whose public names are also su.<name>:
 seg_files.py (file names and checks, DataError), seg_synthetic.py (the synthetic MRI set),
 seg_runs.py (checkpoint files, resume, run folders) and seg_draw.py (slices, curves, plots).
@@ -47,6 +47,7 @@ from seg_draw import (
     plot_patient_dice,
     render_slice,
     show_examples,
+    show_source,
     zoom_around,
 )
 
@@ -869,19 +870,7 @@ def mask_viewer(volumes: list[Volume], probs: dict | None = None, model=None, pr
     return box
 
 
-# ----------------------------- 6. Tools: show the source, command line (no lesson)
-
-
-def show_source(*objects) -> None:
-    """Display the source of seg_utils functions or classes, highlighted, in a notebook: a
-    lesson shows the code that runs, never a copy of it."""
-    import inspect
-
-    from IPython.display import Code, display
-
-    for obj in objects:
-        display(Code(inspect.getsource(obj), language="python"))
-
+# ----------------------------- 6. Tools: show_source (seg_draw), command line (no lesson)
 
 # Using the model on a new scan (seg_predict.py) and cross-validation ensembles (seg_ensemble.py)
 # are su.<name> too, looked up on first use: `import seg_utils` stays light, with no import circle.
@@ -900,15 +889,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'seg_utils' has no attribute {name!r}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m seg_utils data|predict|export|inputs: seg_predict.main
     import sys
 
-    if sys.argv[1:2] in (["predict"], ["export"], ["inputs"]):
-        import seg_predict
+    import seg_predict
 
-        sys.exit(seg_predict.main(sys.argv[1:]))
-    if sys.argv[1:] != ["data"]:
-        sys.exit("usage: python -m seg_utils data   (find or generate the data set, print where)\n"
-                 "       python -m seg_utils predict|export|inputs ...   (see --help of each)")  # fmt: skip
-    found = resolve_data_dir()
-    print(f"data: {found} ({len(scan_dataset(found))} slices)")
+    sys.exit(seg_predict.main(sys.argv[1:]))
