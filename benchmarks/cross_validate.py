@@ -76,8 +76,9 @@ def out_of_fold(folds: list, pool: list, run_dir: Path) -> tuple[list, dict]:
     volumes, probs = [], {False: {}, True: {}}
     for k, held_out in enumerate(folds):
         model, pre, state = su.load_checkpoint(fold_dir(run_dir, k) / "last.pt")
-        vols = su.load_volumes([r for r in pool if r.patient in set(held_out)], progress=False)
-        su.check_split(state, {"val": [r for r in pool if r.patient in set(held_out)], "test": []})
+        records = [r for r in pool if r.patient in set(held_out)]
+        su.check_split(state, {"val": records, "test": []})  # it never trained on them
+        vols = su.load_volumes(records, progress=False)
         for tta in probs:
             for v in vols:
                 probs[tta][v.patient] = su.predict_volume(model, v, pre, tta=tta).astype(np.float16)
