@@ -132,8 +132,10 @@ def _resume(path: Path, model, optimizer, scheduler, config, pre, data) -> list[
     if state["model_config"] != model.config or saved_pre != asdict(pre):
         raise CheckpointError(f"{path} holds a model {state['model_config']} with preprocessing "
                               f"{state['preprocess']}: build the same, or use a new run folder")  # fmt: skip
-    # only the stopping rule may change on resume: compare with the new patience filled in
-    if dict(state["train_config"], patience=config.patience) != asdict(config):
+    # only the stopping rule may change on resume: compare with the new patience filled in;
+    # checkpoints from before train_crop trained on whole images (1.0)
+    saved = {"train_crop": 1.0, **state["train_config"], "patience": config.patience}
+    if saved != asdict(config):
         raise CheckpointError(f"{path} was trained with {state['train_config']}, not {asdict(config)}: "
                               "use the same parameters, or a new run folder")  # fmt: skip
     _check_same_data(path, state, data)

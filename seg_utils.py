@@ -503,6 +503,8 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # "auto", "bf16" or "fp32"
     tumour_sampling: bool = True  # sample slices by tumour area (Buda et al.)
+    train_crop: float = 0.75  # train on random windows of 3/4 of the side (96 of 128 px): 56 % of
+    # the work per image; a U-Net is fully convolutional, so validation and test see whole images
     num_workers: int = 0  # 2 cores: 0 workers 57 img/s, 1-2 workers 53-54 (bench_loader.py)
 
 
@@ -521,13 +523,33 @@ def _epoch_loader(dataset: SliceDataset, config: TrainConfig, weights, epoch: in
     )  # fmt: skip
 
 
-def _train_one_epoch(model, loader, optimizer, scheduler, precision, dice_weight, progress):
-    """One pass over the loader; returns the mean training loss."""
+def crop_side(size: int, fraction: float, depth: int) -> int:
+    """The training window for `size` px images: `fraction` of the side, divisible by 2**depth."""
+    step = 2**depth
+    return max(step, int(size * fraction) // step * step) if fraction < 1 else size
+
+
+def random_crops(x: torch.Tensor, y: torch.Tensor, side: int, generator: torch.Generator):
+    """A random side x side window of each image (B, C, S, S), the same one of its mask."""
+    if side >= x.shape[-1]:
+        return x, y
+    corners = torch.randint(0, x.shape[-1] - side + 1, (len(x), 2), generator=generator).tolist()
+    xs = [x[i, :, top : top + side, left : left + side] for i, (top, left) in enumerate(corners)]
+    ys = [y[i, :, top : top + side, left : left + side] for i, (top, left) in enumerate(corners)]
+    return torch.stack(xs), torch.stack(ys)  # (B, C, side, side), (B, 1, side, side)
+
+
+def _train_one_epoch(model, loader, optimizer, scheduler, precision, config, epoch, progress):
+    """One pass over the loader (on random windows, config.train_crop); the mean training loss."""
     model.train()
     total, seen = 0.0, 0
+    side = crop_side(loader.dataset.volumes[0].image.shape[1], config.train_crop,
+                     model.config["depth"])  # fmt: skip
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch + 7)  # resumable
     bar = tqdm(loader, desc="batches", leave=False, disable=not progress)
     for x, y in bar:
-        total += train_step(model, optimizer, x, y, precision, dice_weight) * len(x)
+        x, y = random_crops(x, y, side, generator)
+        total += train_step(model, optimizer, x, y, precision, config.dice_weight) * len(x)
         seen += len(x)
         scheduler.step()
         bar.set_postfix(loss=f"{total / seen:.3f}")
@@ -588,8 +610,8 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
         for epoch in epochs:
             start = time.perf_counter()
             loader = _epoch_loader(train_set, config, weights, epoch)
-            loss = _train_one_epoch(model, loader, optimizer, scheduler, precision,
-                                    config.dice_weight, progress)  # fmt: skip
+            loss = _train_one_epoch(model, loader, optimizer, scheduler, precision, config, epoch,
+                                    progress)  # fmt: skip
             val_dice = validate(model, val_volumes, precision)
             history.append(dict(epoch=epoch + 1, train_loss=loss, val_dice=val_dice,
                                 lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - start))  # fmt: skip

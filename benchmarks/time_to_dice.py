@@ -6,8 +6,9 @@ other on this machine, so that their ratio is measured side by side.
 
 Each positional argument is a recipe of train_lgg.py (`old`, `default`), optionally with changes
 (`default:size=96,epochs=20`). Each recipe trains on the split's training patients into
-run-dir/<recipe>/ (a finished run there is reused and marked so: its seconds come from the run
-that made it), with train()'s validation Dice after every epoch (training size, threshold 0.5,
+run-dir/<recipe>/ (a run there is resumed, or reused when finished, and the epochs an earlier
+call trained are counted in the output: their seconds come from that call, so resume only on the
+same machine under the same load), with train()'s validation Dice after every epoch (training size, threshold 0.5,
 the model-selection score). The seconds of an epoch include its validation, as a user waits for it.
 Printed: each recipe's curve, the first recipe's best validation Dice as the target, the time
 every recipe took to reach it and the speed-up over the first recipe, and this machine's measured
@@ -69,15 +70,16 @@ def seconds_to_reach(points: list[tuple[float, float]], target: float) -> float 
     return next((s for s, d in points if d >= target), None)
 
 
-def run_recipe(name: str, recipe: dict, splits: dict, run_dir: Path) -> tuple[list, bool]:
-    """The recipe's history, trained now, or reused from a finished run (then True)."""
+def run_recipe(name: str, recipe: dict, splits: dict, run_dir: Path) -> tuple[list, int]:
+    """The recipe's history (trained now, resumed, or a finished run reused) and how many of its
+    epochs an earlier call trained: their seconds come from that call. A run folder holding
+    another recipe is refused (train()'s resume check)."""
     where = run_dir / name.replace(":", "_").replace(",", "_").replace("=", "-")
     history_file = where / "history.json"
-    if history_file.exists():
-        history = json.loads(history_file.read_text())
-        if len(history) >= recipe["epochs"]:
-            return history, True
-    return train_run(splits["train"], splits["val"], where, recipe, progress=False), False
+    done = len(json.loads(history_file.read_text())) if (where / "last.pt").exists() else 0
+    history = train_run(splits["train"], splits["val"], where, recipe, resume=done > 0,
+                        progress=False)  # fmt: skip
+    return history, done
 
 
 def plot(curves: dict, target: float, path: str) -> None:
@@ -108,9 +110,9 @@ def main() -> None:
     splits = su.split_by_patient(su.scan_dataset(su.resolve_data_dir()))
     curves = {}
     for name, recipe in recipes.items():
-        history, reused = run_recipe(name, recipe, splits, Path(args.run_dir))
+        history, earlier = run_recipe(name, recipe, splits, Path(args.run_dir))
         curves[name] = curve(history)
-        print(f"{name}{' (reused)' if reused else ''}: " + ", ".join(
+        print(f"{name} ({earlier} of {len(history)} epochs from an earlier call): " + ", ".join(
             f"{s:.0f}s {d:.3f}" for s, d in curves[name]), flush=True)  # fmt: skip
     reference = next(iter(curves))
     target = max(d for _, d in curves[reference])

@@ -123,3 +123,14 @@ def test_time_to_reach_a_dice_known_answer():
     assert points == [(10.0, 0.5), (30.0, 0.7), (40.0, 0.65)]
     assert time_to_dice.seconds_to_reach(points, 0.6) == 30.0
     assert time_to_dice.seconds_to_reach(points, 0.71) is None
+
+
+def test_time_to_dice_reuses_a_finished_run_and_refuses_another_recipe(synthetic_set, tmp_path):
+    splits = su.split_by_patient(su.scan_dataset(synthetic_set(6)), seed=0)
+    tiny = dict(train_lgg.DEFAULTS, size=32, width=4, depth=2, epochs=1, batch_size=4)
+    first, earlier = time_to_dice.run_recipe("tiny", tiny, splits, tmp_path)
+    assert earlier == 0 and len(first) == 1
+    again, earlier = time_to_dice.run_recipe("tiny", tiny, splits, tmp_path)
+    assert earlier == 1 and again == first  # reused: nothing trained, the seconds are the first's
+    with pytest.raises(su.CheckpointError, match="was trained with"):
+        time_to_dice.run_recipe("tiny", dict(tiny, lr=0.01), splits, tmp_path)

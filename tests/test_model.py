@@ -560,3 +560,51 @@ def test_checkpoints_from_before_channels_and_the_retired_normalisation_still_lo
     assert su.Preprocess.from_saved(old) == su.Preprocess(size=64, channels=[0, 1, 2])
     with pytest.raises(ValueError, match="global normalisation"):
         su.Preprocess.from_saved(dict(old, normalisation="global"))
+
+
+@pytest.mark.parametrize(
+    "size, fraction, depth, side",
+    [
+        (128, 0.75, 4, 96),
+        (64, 0.75, 4, 48),
+        (128, 1.0, 4, 128),
+        (100, 0.5, 3, 48),
+        (32, 0.1, 4, 16),
+    ],
+)
+def test_crop_side_known_answers(size, fraction, depth, side):
+    assert su.crop_side(size, fraction, depth) == side
+
+
+def test_random_crops_cut_the_same_window_of_image_and_mask():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    y = x[:, :1].clone()  # the mask is the first channel: windows must stay aligned
+    xs, ys = su.random_crops(x, y, 4, torch.Generator().manual_seed(0))
+    assert xs.shape == (2, 3, 4, 4) and ys.shape == (2, 1, 4, 4)
+    assert torch.equal(xs[:, :1], ys)
+    for image, crop in zip(x, xs):  # each crop is a contiguous 4 x 4 window of its own image
+        top, left = divmod(int(crop[0, 0, 0] - image[0, 0, 0]), 8)
+        assert torch.equal(crop, image[:, top : top + 4, left : left + 4])
+    again = su.random_crops(x, y, 4, torch.Generator().manual_seed(0))[0]
+    assert torch.equal(again, xs)  # seeded: a resumed epoch draws the same windows
+    assert su.random_crops(x, y, 8, torch.Generator())[0] is x  # whole image: nothing to cut
+
+
+def test_resume_of_a_run_from_before_train_crop(data, tmp_path):
+    """Older checkpoints have no train_crop: they trained on whole images and resume as such."""
+    whole = dataclasses.replace(CONFIG, epochs=2, train_crop=1.0)
+
+    def interrupt(history):
+        raise KeyboardInterrupt
+
+    su.train(new_model(0), data[0], data[1], tmp_path, whole, PRE, on_epoch_end=interrupt,
+             progress=False)  # fmt: skip
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    del state["train_config"]["train_crop"]
+    torch.save(state, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match="train_crop"):  # default windows: another recipe
+        su.train(new_model(0), data[0], data[1], tmp_path, dataclasses.replace(whole, train_crop=0.75),
+                 PRE, resume=True, progress=False)  # fmt: skip
+    history = su.train(new_model(0), data[0], data[1], tmp_path, whole, PRE, resume=True,
+                       progress=False)  # fmt: skip
+    assert [h["epoch"] for h in history] == [1, 2]
