@@ -19,7 +19,8 @@ Contents                                                               taught in
     6. Tools: show_source, `python -m seg_utils data|predict|export`       (no lesson)
 Code that no lesson teaches lives in modules of its own, whose public names are also su.<name>:
 seg_files.py (file names and checks, DataError), seg_synthetic.py (the synthetic MRI set),
-seg_runs.py (checkpoint files, resume, run folders) and seg_draw.py (slices, curves, plots).
+seg_runs.py (checkpoint files, resume, run folders), seg_hardware.py (device, bf16 or fp32,
+memory layout) and seg_draw.py (slices, curves, plots).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from seg_files import (
     read_tiff,
     slice_files,
 )
+from seg_hardware import autocast, cpu_supports_bf16, pick_device, pick_precision, to_layout
 from seg_runs import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -430,42 +432,6 @@ def bce_dice_loss(
     """BCE on logits (stable log-sum-exp form) + dice_weight * soft Dice loss."""
     bce = F.binary_cross_entropy_with_logits(logits.float(), target)
     return bce + dice_weight * soft_dice_loss(logits, target)
-
-
-def pick_device() -> torch.device:
-    """CUDA if present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def cpu_supports_bf16() -> bool:
-    """True if the CPU has native bf16 instructions (AVX512-BF16 or AMX); else bf16 is slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def pick_precision(device: torch.device, requested: str = "auto") -> str:
-    """ "bf16" where the hardware runs it natively (measured 2-3x faster on such CPUs), else "fp32"."""
-    if requested not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', not {requested!r}")
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_supports_bf16() else "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    """Autocast context for the chosen precision (a no-op for fp32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def to_layout(x, precision: str):
-    """bf16 runs in channels_last (NHWC), the fast bf16 path of oneDNN and cuDNN; fp32 stays NCHW.
-    A model is converted in place, a batch (B, 3, H, W) as a copy; both are returned."""
-    return x.to(memory_format=torch.channels_last) if precision == "bf16" else x
 
 
 def seed_everything(seed: int) -> None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import seg_hardware
 import seg_runs
 import seg_utils as su
 from seg_utils import CheckpointError
@@ -550,7 +551,9 @@ def test_pick_precision(monkeypatch):
     expected = "bf16" if su.cpu_supports_bf16() else "fp32"
     assert su.pick_precision(cpu) == su.pick_precision(cpu, "auto") == expected
     for supported, answer in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(su, "cpu_supports_bf16", lambda supported=supported: supported)
+        monkeypatch.setattr(
+            seg_hardware, "cpu_supports_bf16", lambda supported=supported: supported
+        )
         assert su.pick_precision(cpu, "auto") == answer
         assert su.pick_precision(cpu, "fp32") == "fp32"
 
