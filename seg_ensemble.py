@@ -3,11 +3,13 @@
     python benchmarks/cross_validate.py --run-dir runs/cv5     # 5 folds, then the ensemble on test
 
 No lesson teaches this module; its names are also su.<name> (seg_utils looks them up here on
-first use): cross_validation_folds, choose_settings, predict_ensemble, load_ensemble.
+first use): cross_validation_folds, choose_settings, predict_ensemble, load_ensemble,
+models_to_score.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -49,3 +51,25 @@ def predict_ensemble(members: list, volumes: list, tta=False, progress=True) -> 
 def load_ensemble(run_dirs: list, name: str = "last.pt", device=None) -> list[tuple]:
     """load_checkpoint(run_dir / name) for each run folder: [(model, Preprocess, state), ...]."""
     return [su.load_checkpoint(Path(d) / name, device) for d in run_dirs]
+
+
+def fold_dir(run_dir: Path, k: int) -> Path:
+    """Where fold k (0-based) trains: run-dir/fold-1 ... fold-K, as --fold counts."""
+    return run_dir / f"fold-{k + 1}"
+
+
+def models_to_score(run_dir, others=()) -> tuple[list, dict | None]:
+    """What notebook 04 scores: run_dir/best.pt, averaged with the best.pt of `others`; or, for a
+    cross_validate.py folder, its fold models (last.pt) with the settings chosen out of fold.
+    Returns ([(model, Preprocess, state), ...], those settings or None: choose on validation)."""
+    run_dir, others = Path(run_dir), [Path(d) for d in others]
+    summary = run_dir / "cv_summary.json"
+    if not summary.exists():
+        return load_ensemble([run_dir, *others], "best.pt"), None
+    if others:
+        raise ValueError(
+            f"{run_dir} is a cross-validation folder: score it alone (no SEG_ENSEMBLE)"
+        )
+    folds = json.loads((run_dir / "folds.json").read_text())["folds"]
+    members = load_ensemble([fold_dir(run_dir, k) for k in range(len(folds))], "last.pt")
+    return members, json.loads(summary.read_text())["chosen_out_of_fold"]

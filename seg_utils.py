@@ -865,7 +865,7 @@ def mask_viewer(volumes: list[Volume], probs: dict | None = None, model=None, pr
 _LAZY = dict.fromkeys(("predict", "export_onnx", "read_scan", "parse_channels", "needed_inputs",
                        "site_shift_scores", "site_shift_table", "SHIFTS"), "seg_predict")  # fmt: skip
 _LAZY |= dict.fromkeys(("cross_validation_folds", "choose_settings", "predict_ensemble",
-                        "load_ensemble"), "seg_ensemble")  # fmt: skip
+                        "load_ensemble", "models_to_score"), "seg_ensemble")  # fmt: skip
 
 
 def __getattr__(name: str):

@@ -31,6 +31,7 @@ import numpy as np
 from train_lgg import add_recipe_arguments, machine_line, recipe_from_args, train_run
 
 import seg_utils as su
+from seg_ensemble import fold_dir
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)  # probability cut-offs tried on the out-of-fold predictions
 MIN_SIZES = (
@@ -41,16 +42,11 @@ MIN_SIZES = (
 )  # smallest kept 3D blob, voxels (LGG's worst errors: small FP blobs)
 
 
-def fold_dir(run_dir: Path, k: int) -> Path:
-    """Where fold k (0-based) trains: run-dir/fold-1 ... fold-K, as --fold counts."""
-    return run_dir / f"fold-{k + 1}"
-
-
-def fold_status(fold_dir: Path, epochs: int) -> str:
+def fold_status(where: Path, epochs: int) -> str:
     """ "done" (last.pt holds every epoch), "partial" (resume it) or "new"."""
-    if not (fold_dir / "last.pt").exists():
+    if not (where / "last.pt").exists():
         return "new"
-    return "done" if su.read_checkpoint(fold_dir / "last.pt")["epoch"] >= epochs else "partial"
+    return "done" if su.read_checkpoint(where / "last.pt")["epoch"] >= epochs else "partial"
 
 
 def run_fold(k: int, folds: list, pool: list, run_dir: Path, recipe: dict) -> None:

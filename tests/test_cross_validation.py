@@ -92,6 +92,53 @@ def test_two_fold_cross_validation_end_to_end(synthetic_set, tmp_path):
     assert again.returncode == 0 and "fold 2/2: 4 held-out patients: already done" in again.stdout
 
 
+def _notebook_04(tmp_path, data, run_dir, ensemble=""):
+    """Execute notebook 04 in quick mode as a user would; returns the finished process."""
+    env = dict(os.environ, LGG_DATA=str(data), SEG_RUN_DIR=str(run_dir), SEG_ENSEMBLE=ensemble,
+               SEG_QUICK="1", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="2")  # fmt: skip
+    command = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
+               "--output-dir", str(tmp_path / "executed"), "04_evaluate.ipynb"]  # fmt: skip
+    return subprocess.run(command, cwd=REPO_ROOT / "notebooks", env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+
+
+def test_notebook_04_scores_a_cross_validation_folder_as_cross_validate_did(
+    synthetic_set, tmp_path
+):
+    """Same fold models, same out-of-fold settings, same test patients: the same test Dice."""
+    data, run_dir = synthetic_set(10), tmp_path / "cv"
+    done = _run("cross_validate.py", "--run-dir", str(run_dir), "--folds", "2", *TINY, data=data)
+    assert done.returncode == 0, done.stderr[-2000:]
+    executed = _notebook_04(tmp_path, data, run_dir)
+    assert executed.returncode == 0, executed.stderr[-3000:]
+    summary = json.loads((run_dir / "cv_summary.json").read_text())
+    record = json.loads((run_dir / "ensemble_test_metrics.json").read_text())
+    chosen = {k: v for k, v in summary["chosen_out_of_fold"].items() if k != "dice"}
+    assert {k: record["chosen_on_validation"][k] for k in chosen} == chosen
+    assert record["test"]["patient Dice mean"] == pytest.approx(
+        summary["test_ensemble"]["patient Dice mean"], abs=1e-6
+    )
+    with pytest.raises(ValueError, match="cross-validation folder"):
+        su.models_to_score(run_dir, [run_dir / "fold-1"])
+
+
+def test_notebook_04_scores_an_ensemble_of_run_folders(synthetic_set, tmp_path):
+    data = synthetic_set(10)
+    splits = su.split_by_patient(su.scan_dataset(data))
+    tiny = dict(train_lgg.DEFAULTS, size=32, width=4, depth=2, epochs=1, batch_size=4)
+    for seed in (0, 1):
+        train_lgg.train_run(splits["train"], splits["val"], tmp_path / f"seed{seed}",
+                            dict(tiny, seed=seed), progress=False)  # fmt: skip
+    executed = _notebook_04(tmp_path, data, tmp_path / "seed0", str(tmp_path / "seed1"))
+    assert executed.returncode == 0, executed.stderr[-3000:]
+    record = json.loads((tmp_path / "seed0" / "ensemble_test_metrics.json").read_text())
+    assert record["ensemble_with"] == [str(tmp_path / "seed1" / "best.pt")]
+    assert record["test_patients"] == len({r.patient for r in splits["test"]})
+    assert not (
+        tmp_path / "seed0" / "test_metrics.json"
+    ).exists()  # the single model's is not touched
+
+
 def test_cross_validation_refuses_another_recipe_in_the_same_folder(synthetic_set, tmp_path):
     data, run_dir = synthetic_set(10), tmp_path / "cv"
     first = _run("cross_validate.py", "--run-dir", str(run_dir), "--folds", "2", "--fold", "1",
