@@ -618,12 +618,11 @@ def site_shift_scores(model, pre, volumes, settings=None, shifts=None, seed=0, p
 
 
 def _shift_dice(model, pre, volume: su.Volume, settings: dict) -> float:
-    """Patient Dice with the run's TTA, threshold and post-processing."""
+    """Patient Dice with the run's TTA, threshold and post-processing (as notebook 04 scores)."""
     prob = su.predict_volume(model, volume, pre, tta=settings["tta"])
-    binary = su.postprocess(
-        prob >= settings["threshold"], settings["min_size"], settings["keep_largest"]
-    )
-    return su.dice_score(binary, volume.mask)
+    patients, _, _ = su.score_patients({volume.patient: prob}, [volume], settings["threshold"],
+                                       settings["min_size"], settings["keep_largest"])  # fmt: skip
+    return float(patients.dice.iloc[0])
 
 
 def site_shift_table(scores):
