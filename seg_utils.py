@@ -469,10 +469,16 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # "auto", "bf16" or "fp32"
     tumour_sampling: bool = True  # sample slices by tumour area (Buda et al.)
-    train_crop: float = 1.0  # < 1: train on random windows of this share of the side (0.75: 96 px of
+    train_crop: float = (
+        1.0  # < 1: train on random windows of this share of the side (0.75: 96 px of
+    )
     # 128, 56 % of the work per image; a fully convolutional U-Net still predicts whole images).
     # LGG, 0.75 and 20 epochs: test 0.788 and 0.826 (two seeds), below 40 whole-image epochs (README)
     num_workers: int = 0  # 2 cores: 0 workers 57 img/s, 1-2 workers 53-54 (bench_loader.py)
+
+    def __post_init__(self):
+        if not 0 < self.train_crop <= 1:
+            raise ValueError(f"train_crop is a share of the side in (0, 1], not {self.train_crop}")
 
 
 def _epoch_loader(dataset: SliceDataset, config: TrainConfig, weights, epoch: int):

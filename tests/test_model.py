@@ -579,6 +579,12 @@ def test_crop_side_known_answers(size, fraction, depth, side):
     assert su.crop_side(size, fraction, depth) == side
 
 
+@pytest.mark.parametrize("share", [0, -0.5, 1.5])
+def test_train_crop_outside_0_1_refused(share):
+    with pytest.raises(ValueError, match="train_crop"):
+        su.TrainConfig(train_crop=share)
+
+
 def test_random_crops_cut_the_same_window_of_image_and_mask():
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
     y = x[:, :1].clone()  # the mask is the first channel: windows must stay aligned
