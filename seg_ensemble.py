@@ -70,6 +70,8 @@ def models_to_score(run_dir, others=()) -> tuple[list, dict | None]:
         raise ValueError(
             f"{run_dir} is a cross-validation folder: score it alone (no SEG_ENSEMBLE)"
         )
-    folds = json.loads((run_dir / "folds.json").read_text())["folds"]
-    members = load_ensemble([fold_dir(run_dir, k) for k in range(len(folds))], "last.pt")
-    return members, json.loads(summary.read_text())["chosen_out_of_fold"]
+    gathered = json.loads(summary.read_text())  # cross_validate.py: its folds and choices
+    members = load_ensemble(
+        [fold_dir(run_dir, k) for k in range(len(gathered["folds"]))], "last.pt"
+    )
+    return members, gathered["chosen_out_of_fold"]
