@@ -82,7 +82,7 @@ def train_run(train_records, val_records, run_dir, recipe: dict, resume=False, p
     su.seed_everything(recipe["seed"])
     model = su.UNet(
         in_channels=len(pre.channels), base_width=recipe["width"], depth=recipe["depth"]
-    )
+    ).to(su.pick_device())  # train() computes where the model is: a GPU when there is one
     config = su.TrainConfig(epochs=recipe["epochs"], batch_size=recipe["batch_size"],
                             lr=recipe["lr"], seed=recipe["seed"], patience=recipe["patience"],
                             train_crop=recipe["crop"])  # fmt: skip
