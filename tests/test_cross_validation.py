@@ -181,3 +181,15 @@ def test_time_to_dice_reuses_a_finished_run_and_refuses_another_recipe(synthetic
     assert earlier == 1 and again == first  # reused: nothing trained, the seconds are the first's
     with pytest.raises(su.CheckpointError, match="was trained with"):
         time_to_dice.run_recipe("tiny", dict(tiny, lr=0.01), splits, tmp_path)
+
+
+def test_train_run_trains_where_pick_device_points(synthetic_set, monkeypatch, tmp_path):
+    """train() computes where the model is, so train_run must put it on the GPU when there is one
+    (it once left it on the CPU beside an idle GPU)."""
+    splits = su.split_by_patient(su.scan_dataset(synthetic_set(6)), seed=0)
+    seen = []
+    monkeypatch.setattr(su, "pick_device", lambda: torch.device("meta"))  # stands in for "cuda"
+    monkeypatch.setattr(su, "train", lambda model, *a, **k: seen.append(model.head.weight.device))
+    tiny = dict(train_lgg.DEFAULTS, size=32, width=4, depth=2, epochs=1, batch_size=4)
+    train_lgg.train_run(splits["train"], splits["val"], tmp_path, tiny, progress=False)
+    assert seen == [torch.device("meta")]
