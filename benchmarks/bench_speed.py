@@ -24,6 +24,8 @@ What it measures, in one run and on the same random batch (16 x 3 x 128 x 128 by
 Run it from the repository root in the benchmark venv (see benchmarks/requirements.txt):
 
     .bench-venv/bin/python benchmarks/bench_speed.py [--quick]
+    .venv/bin/python benchmarks/bench_speed.py --models unet   # the project U-Net alone (and its
+                                                               # onnxruntime row): no MONAI, no smp
 
 --quick runs 1 warm-up + 2 timed steps per configuration instead of 2 + up to 15, to check
 that the script works (a minute or two on 2 idle cores). The full run stops adding timed
@@ -55,10 +57,8 @@ os.environ.setdefault("LRU_CACHE_CAPACITY", "8192")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never reach the network
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # seg_utils lives in the root
 import psutil  # noqa: E402
-import segmentation_models_pytorch as smp  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from monai.networks.nets import BasicUNet  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import seg_utils as su  # noqa: E402
@@ -78,25 +78,33 @@ SEED = 0  # seeds the random batch and every model's initial weights
 PEAK_CONV_SHAPE = (16, 64, 128, 128)  # N, C, H, W of the 3x3 C -> C conv that probes the peak
 PEAK_GEMM_N = 2048  # n of the n x n x n GEMM that probes the peak
 SLOW_BF16 = 0.9  # a bf16/fp32 speed-up below this is reported as "bf16 slower than fp32"
+
+
+def monai_basic_unet():
+    """MONAI's BasicUNet with the project U-Net's widths (imported here: `--models unet` and its
+    onnxruntime row then run in the main .venv, without MONAI or smp)."""
+    from monai.networks.nets import BasicUNet
+
+    return BasicUNet(
+        spatial_dims=2, in_channels=3, out_channels=1, features=(16, 32, 64, 128, 256, 16)
+    )
+
+
+def smp_unet(encoder: str):
+    """segmentation-models-pytorch Unet with a randomly initialised encoder."""
+    import segmentation_models_pytorch as smp
+
+    return smp.Unet(encoder, encoder_weights=None, in_channels=3, classes=1)
+
+
 MODELS = {  # --models key -> (label, constructor); each maps (B, 3, H, W) to (B, 1, H, W) logits
     "unet": (
         "project U-Net",
         lambda: su.UNet(in_channels=3, out_channels=1, base_width=16, depth=4),
     ),
-    "monai": (
-        "MONAI BasicUNet",
-        lambda: BasicUNet(
-            spatial_dims=2, in_channels=3, out_channels=1, features=(16, 32, 64, 128, 256, 16)
-        ),
-    ),
-    "resnet18": (
-        "smp Unet resnet18",
-        lambda: smp.Unet("resnet18", encoder_weights=None, in_channels=3, classes=1),
-    ),
-    "mobilenet_v2": (
-        "smp Unet mobilenet_v2",
-        lambda: smp.Unet("mobilenet_v2", encoder_weights=None, in_channels=3, classes=1),
-    ),
+    "monai": ("MONAI BasicUNet", monai_basic_unet),
+    "resnet18": ("smp Unet resnet18", lambda: smp_unet("resnet18")),
+    "mobilenet_v2": ("smp Unet mobilenet_v2", lambda: smp_unet("mobilenet_v2")),
 }
 REFERENCE = "unet"  # the model the ratios divide by
 PRECISIONS = ("fp32", "bf16")  # fp32: NCHW, no autocast; bf16: autocast + channels_last
