@@ -133,8 +133,9 @@ def _resume(path: Path, model, optimizer, scheduler, config, pre, data) -> list[
         raise CheckpointError(f"{path} holds a model {state['model_config']} with preprocessing "
                               f"{state['preprocess']}: build the same, or use a new run folder")  # fmt: skip
     # only the stopping rule may change on resume: compare with the new patience filled in;
-    # checkpoints from before train_crop trained on whole images (1.0)
-    saved = {"train_crop": 1.0, **state["train_config"], "patience": config.patience}
+    # checkpoints from before train_crop / sampling_uniform trained on whole images (1.0) / 0.1
+    before = {"train_crop": 1.0, "sampling_uniform": 0.1}
+    saved = {**before, **state["train_config"], "patience": config.patience}
     if saved != asdict(config):
         raise CheckpointError(f"{path} was trained with {state['train_config']}, not {asdict(config)}: "
                               "use the same parameters, or a new run folder")  # fmt: skip

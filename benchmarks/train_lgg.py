@@ -30,13 +30,21 @@ DEFAULTS = dict(  # this checkout's defaults: what `--recipe default` trains
     size=su.Preprocess.size, width=_UNET["base_width"].default, depth=_UNET["depth"].default,
     epochs=su.TrainConfig.epochs, batch_size=su.TrainConfig.batch_size, lr=su.TrainConfig.lr,
     seed=su.TrainConfig.seed, patience=su.TrainConfig.patience, channels="all",
-    crop=su.TrainConfig.train_crop,
+    crop=su.TrainConfig.train_crop, uniform=su.TrainConfig.sampling_uniform,
 )  # fmt: skip
 RECIPES = {
     "default": {},
     # the default of the first real-data results (README): 128 px, width 16, depth 4, 40 epochs
     "old": dict(
-        size=128, width=16, depth=4, epochs=40, batch_size=16, lr=3e-3, patience=40, crop=1.0
+        size=128,
+        width=16,
+        depth=4,
+        epochs=40,
+        batch_size=16,
+        lr=3e-3,
+        patience=40,
+        crop=1.0,
+        uniform=0.1,
     ),
 }
 
@@ -66,6 +74,8 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", help="input channels: all, flair, or e.g. 1,2")
     parser.add_argument("--crop", type=float, help="train on random windows of this fraction "
                         "of the side (1 = whole images)")  # fmt: skip
+    parser.add_argument("--uniform", type=float, help="share of each patient's slice draws spread "
+                        "evenly over its slices (the rest by tumour area)")  # fmt: skip
 
 
 def recipe_from_args(args: argparse.Namespace) -> dict:
@@ -85,7 +95,7 @@ def train_run(train_records, val_records, run_dir, recipe: dict, resume=False, p
     ).to(su.pick_device())  # train() computes where the model is: a GPU when there is one
     config = su.TrainConfig(epochs=recipe["epochs"], batch_size=recipe["batch_size"],
                             lr=recipe["lr"], seed=recipe["seed"], patience=recipe["patience"],
-                            train_crop=recipe["crop"])  # fmt: skip
+                            train_crop=recipe["crop"], sampling_uniform=recipe["uniform"])  # fmt: skip
     print(f"{su.count_parameters(model):,} parameters, {len(train_set)} training slices, "
           f"{pre}, {config}", flush=True)  # fmt: skip
     return su.train(model, train_set, val_volumes, Path(run_dir), config, pre, resume=resume,

@@ -371,6 +371,18 @@ def test_tumour_weights(dataset64):
         assert np.allclose(w[~tumour], w[~tumour][0])  # empty slices share the uniform part
 
 
+def test_tumour_weights_all_uniform_and_all_by_area(dataset64):
+    """uniform=1: every slice of a patient equally likely; 0: tumour-free slices never drawn."""
+    even, by_area = su.tumour_weights(dataset64, 1.0), su.tumour_weights(dataset64, 0.0)
+    start = 0
+    for vol in dataset64.volumes:
+        n = len(vol.image)
+        tumour = vol.mask.reshape(n, -1).any(1)
+        assert np.allclose(even[start : start + n], 1 / n / len(dataset64.volumes))
+        assert (by_area[start : start + n][~tumour] == 0).all()
+        start += n
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -585,6 +585,12 @@ def test_train_crop_outside_0_1_refused(share):
         su.TrainConfig(train_crop=share)
 
 
+@pytest.mark.parametrize("share", [-0.1, 1.5, float("nan")])
+def test_sampling_uniform_outside_0_1_refused(share):
+    with pytest.raises(ValueError, match="sampling_uniform"):
+        su.TrainConfig(sampling_uniform=share)
+
+
 def test_random_crops_cut_the_same_window_of_image_and_mask():
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
     y = x[:, :1].clone()  # the mask is the first channel: windows must stay aligned
@@ -600,7 +606,8 @@ def test_random_crops_cut_the_same_window_of_image_and_mask():
 
 
 def test_resume_of_a_run_from_before_train_crop(data, tmp_path):
-    """Older checkpoints have no train_crop: they trained on whole images and resume as such."""
+    """Older checkpoints have no train_crop or sampling_uniform: they trained on whole images with
+    10 % uniform draws and resume as such."""
     whole = dataclasses.replace(CONFIG, epochs=2, train_crop=1.0)
 
     def interrupt(history):
@@ -609,11 +616,14 @@ def test_resume_of_a_run_from_before_train_crop(data, tmp_path):
     su.train(new_model(0), data[0], data[1], tmp_path, whole, PRE, on_epoch_end=interrupt,
              progress=False)  # fmt: skip
     state = torch.load(tmp_path / "last.pt", weights_only=True)
-    del state["train_config"]["train_crop"]
+    del state["train_config"]["train_crop"], state["train_config"]["sampling_uniform"]
     torch.save(state, tmp_path / "last.pt")
     with pytest.raises(CheckpointError, match="train_crop"):  # default windows: another recipe
         su.train(new_model(0), data[0], data[1], tmp_path, dataclasses.replace(whole, train_crop=0.75),
                  PRE, resume=True, progress=False)  # fmt: skip
+    with pytest.raises(CheckpointError, match="sampling_uniform"):
+        su.train(new_model(0), data[0], data[1], tmp_path,
+                 dataclasses.replace(whole, sampling_uniform=0.5), PRE, resume=True, progress=False)  # fmt: skip
     history = su.train(new_model(0), data[0], data[1], tmp_path, whole, PRE, resume=True,
                        progress=False)  # fmt: skip
     assert [h["epoch"] for h in history] == [1, 2]
