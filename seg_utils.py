@@ -474,7 +474,7 @@ class TrainConfig:
     train_crop: float = 0.75  # train on random windows of this share of the side: 96 px of 128,
     # 56 % of the work per image (a fully convolutional U-Net still predicts whole images). LGG
     # test Dice, two seeds: 0.839 and 0.836 for 24 such epochs, 0.841 and 0.840 for 40 epochs on
-    # whole images (1.0, `--recipe old`) at 2.9x the work; 20 such epochs: 0.788 and 0.826
+    # whole images (1.0, `--recipe old`) at 3x the work; 20 such epochs: 0.788 and 0.826
     num_workers: int = 0  # 2 cores: 0 workers 57 img/s, 1-2 workers 53-54 (bench_loader.py)
 
     def __post_init__(self):
