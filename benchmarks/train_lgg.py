@@ -35,17 +35,8 @@ DEFAULTS = dict(  # this checkout's defaults: what `--recipe default` trains
 RECIPES = {
     "default": {},
     # the default of the first real-data results (README): 128 px, width 16, depth 4, 40 epochs
-    "old": dict(
-        size=128,
-        width=16,
-        depth=4,
-        epochs=40,
-        batch_size=16,
-        lr=3e-3,
-        patience=40,
-        crop=1.0,
-        uniform=0.1,
-    ),
+    "old": dict(size=128, width=16, depth=4, epochs=40, batch_size=16, lr=3e-3, patience=40,
+                crop=1.0, uniform=0.1),  # fmt: skip
 }
 
 
