@@ -36,8 +36,8 @@ RECIPES = {
     "default": {},
     # the default of the first real-data results (README): 128 px, width 16, depth 4, 40 epochs
     "old": dict(size=128, width=16, depth=4, epochs=40, batch_size=16, lr=3e-3, patience=40,
-                crop=1.0, uniform=0.1),  # fmt: skip
-}
+                crop=1.0, uniform=0.1),
+}  # fmt: skip
 
 
 def machine_line() -> str:
