@@ -625,6 +625,24 @@ def _shift_dice(model, pre, volume: su.Volume, settings: dict) -> float:
     return float(patients.dice.iloc[0])
 
 
+class WithStrippedTwins(su.SliceDataset):
+    """Training slices plus skull-stripped twins of a seeded share of the volumes: an augmentation
+    for skull-stripped scans from other sites. An epoch draws as many slices as the originals
+    have (len), by tumour_weights over all of them (train's default tumour_sampling; a plain
+    random sampler would draw originals only), so an epoch costs what it costs without twins."""
+
+    def __init__(self, volumes: list[su.Volume], pre, share: float, seed: int = 0, transform=None):
+        if not 0 <= share <= 1:
+            raise ValueError(f"the share of volumes with a stripped twin is in [0, 1], not {share}")
+        order = np.random.default_rng(seed).permutation(len(volumes))
+        twins = [skull_strip(volumes[i]) for i in sorted(order[: round(share * len(volumes))])]
+        super().__init__(su.prepare_volumes(volumes + twins, pre), transform)
+        self.originals = sum(len(v.image) for v in volumes)  # slices an epoch draws
+
+    def __len__(self) -> int:
+        return self.originals
+
+
 def site_shift_table(scores):
     """Mean per-patient Dice per condition and its difference to clean."""
     import pandas as pd

@@ -7,7 +7,8 @@ and under each simulated shift of seg_predict.SHIFTS (skull stripping, intensity
 bias field, Rician noise, thinner slices, zoom out / in), seeded per patient and shift, with the
 threshold and post-processing that notebook 04 chose (test_metrics.json beside the checkpoint;
 else threshold 0.5, none). Prints the mean per-patient Dice per shift and its change vs clean.
---quick scores 3 patients; --shifts picks some shifts by name (comma-separated).
+--quick scores 3 patients; --shifts picks some shifts by name (comma-separated); --split val
+scores the validation patients instead, where augmentations against these shifts are chosen.
 """
 
 import argparse
@@ -29,6 +30,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 test patients: a smoke test")
     parser.add_argument("--shifts", help=f"comma-separated subset of: {', '.join(sp.SHIFTS)}")
     parser.add_argument("--seed", type=int, default=0, help="seeds every simulated shift")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="val: choose augmentations there, never on test")  # fmt: skip
     args = parser.parse_args()
     shifts = [s.strip() for s in args.shifts.split(",")] if args.shifts else list(sp.SHIFTS)
     unknown = [s for s in shifts if s not in sp.SHIFTS]
@@ -41,13 +44,13 @@ def main() -> None:
     data_dir = su.resolve_data_dir()
     splits = su.split_by_patient(su.scan_dataset(data_dir), seed=0)
     su.check_split(state, splits)  # stops if a test patient helped train this checkpoint
-    test = splits["test"]
+    records = splits[args.split]
     if args.quick:
-        test = [r for r in test if r.patient in sorted({r.patient for r in test})[:3]]
-    volumes = su.load_volumes(test)
+        records = [r for r in records if r.patient in sorted({r.patient for r in records})[:3]]
+    volumes = su.load_volumes(records)
     print(f"checkpoint {args.checkpoint}: inputs {sp.needed_inputs(pre)}")
     print(f"settings   {settings} from {source}")
-    print(f"data       {data_dir}: {len(volumes)} test patients; shift seed {args.seed}\n")
+    print(f"data       {data_dir}: {len(volumes)} {args.split} patients; shift seed {args.seed}\n")
     scores = sp.site_shift_scores(model, pre, volumes, settings, shifts, seed=args.seed)
     print(sp.site_shift_table(scores).round(3).to_string())
     print(f"\nworst patient per condition:\n{scores.min().round(3).to_string()}")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import seg_predict as sp
 import seg_utils as su
 
 _UNET = inspect.signature(su.UNet).parameters
@@ -30,13 +31,13 @@ DEFAULTS = dict(  # this checkout's defaults: what `--recipe default` trains
     size=su.Preprocess.size, width=_UNET["base_width"].default, depth=_UNET["depth"].default,
     epochs=su.TrainConfig.epochs, batch_size=su.TrainConfig.batch_size, lr=su.TrainConfig.lr,
     seed=su.TrainConfig.seed, patience=su.TrainConfig.patience, channels="all",
-    crop=su.TrainConfig.train_crop, uniform=su.TrainConfig.sampling_uniform,
+    crop=su.TrainConfig.train_crop, uniform=su.TrainConfig.sampling_uniform, strip=0.0,
 )  # fmt: skip
 RECIPES = {
     "default": {},
     # the default of the first real-data results (README): 128 px, width 16, depth 4, 40 epochs
     "old": dict(size=128, width=16, depth=4, epochs=40, batch_size=16, lr=3e-3, patience=40,
-                crop=1.0, uniform=0.1),
+                crop=1.0, uniform=0.1, strip=0.0),
 }  # fmt: skip
 
 
@@ -67,6 +68,8 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         "of the side (1 = whole images)")  # fmt: skip
     parser.add_argument("--uniform", type=float, help="share of each patient's slice draws spread "
                         "evenly over its slices (the rest by tumour area)")  # fmt: skip
+    parser.add_argument("--strip", type=float, help="share of training volumes that also appear "
+                        "skull-stripped (seg_predict.WithStrippedTwins; 0 = none)")  # fmt: skip
 
 
 def recipe_from_args(args: argparse.Namespace) -> dict:
@@ -78,7 +81,12 @@ def recipe_from_args(args: argparse.Namespace) -> dict:
 def train_run(train_records, val_records, run_dir, recipe: dict, resume=False, progress=True):
     """Prepare the data, build the U-Net and train it with `recipe`; returns the history."""
     pre = su.Preprocess(size=recipe["size"], channels=su.parse_channels(recipe["channels"]))
-    train_set = su.SliceDataset.from_records(train_records, pre, su.train_transform(), progress)
+    volumes = su.load_volumes(train_records, progress)
+    if recipe["strip"] > 0:  # a site-shift augmentation (issue 13): stripped twins beside them
+        train_set = sp.WithStrippedTwins(volumes, pre, recipe["strip"], recipe["seed"],
+                                         su.train_transform())  # fmt: skip
+    else:
+        train_set = su.SliceDataset(su.prepare_volumes(volumes, pre), su.train_transform())
     val_volumes = su.prepare_volumes(su.load_volumes(val_records, progress), pre)
     su.seed_everything(recipe["seed"])
     model = su.UNet(
@@ -87,8 +95,8 @@ def train_run(train_records, val_records, run_dir, recipe: dict, resume=False, p
     config = su.TrainConfig(epochs=recipe["epochs"], batch_size=recipe["batch_size"],
                             lr=recipe["lr"], seed=recipe["seed"], patience=recipe["patience"],
                             train_crop=recipe["crop"], sampling_uniform=recipe["uniform"])  # fmt: skip
-    print(f"{su.count_parameters(model):,} parameters, {len(train_set)} training slices, "
-          f"{pre}, {config}", flush=True)  # fmt: skip
+    print(f"{su.count_parameters(model):,} parameters, {len(train_set)} training slices "
+          f"({len(train_set.volumes)} volumes), {pre}, {config}", flush=True)  # fmt: skip
     return su.train(model, train_set, val_volumes, Path(run_dir), config, pre, resume=resume,
                     progress=progress)  # fmt: skip
 

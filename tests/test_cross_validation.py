@@ -193,3 +193,27 @@ def test_train_run_trains_where_pick_device_points(synthetic_set, monkeypatch, t
     tiny = dict(train_lgg.DEFAULTS, size=32, width=4, depth=2, epochs=1, batch_size=4)
     train_lgg.train_run(splits["train"], splits["val"], tmp_path, tiny, progress=False)
     assert seen == [torch.device("meta")]
+
+
+def test_train_run_adds_stripped_twins_when_asked(synthetic_set, tmp_path):
+    """--strip 1: every training patient appears twice in what trained (itself and its stripped
+    twin), the epoch keeps its length, and the patients stay the split's training patients."""
+    splits = su.split_by_patient(su.scan_dataset(synthetic_set(6)), seed=0)
+    tiny = dict(train_lgg.DEFAULTS, size=32, width=4, depth=2, epochs=1, batch_size=4, strip=1.0)
+    train_lgg.train_run(splits["train"], splits["val"], tmp_path, tiny, progress=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    names = sorted({r.patient for r in splits["train"]})
+    assert sorted(state["patients"]["train"]) == sorted(names * 2)
+    assert state["train_slices"] == len(splits["train"])
+
+
+def test_site_shift_scores_the_validation_patients_when_asked(synthetic_set, tmp_path):
+    data = synthetic_set(6)
+    splits = su.split_by_patient(su.scan_dataset(data), seed=0)
+    tiny = dict(train_lgg.DEFAULTS, size=32, width=4, depth=2, epochs=1, batch_size=4)
+    train_lgg.train_run(splits["train"], splits["val"], tmp_path, tiny, progress=False)
+    done = _run("site_shift.py", str(tmp_path / "best.pt"), "--split", "val", "--shifts",
+                "skull stripped", data=data)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    n_val = len({r.patient for r in splits["val"]})
+    assert f"{n_val} val patients" in done.stdout and "skull stripped" in done.stdout

@@ -416,3 +416,30 @@ def test_site_shifts_are_deterministic_and_change_the_scans(checkpoint, patient)
     assert again.loc[vol.patient, names[1]] == scores.loc[vol.patient, names[1]]  # order-free seed
     table = su.site_shift_table(scores)
     assert table.loc["clean", "change vs clean"] == 0.0
+
+
+def test_stripped_twins_join_the_draws_without_lengthening_an_epoch(data_dir):
+    """share 0.5 of 4 volumes: 2 stripped twins of the same patients, a third of the sampling
+    weight (each volume weighs the same), and an epoch still draws the originals' slice count."""
+    volumes = su.load_volumes(su.scan_dataset(data_dir), progress=False)[:4]
+    pre = su.Preprocess(size=32)
+    twins = sp.WithStrippedTwins(volumes, pre, share=0.5, seed=0)
+    originals = sum(len(v.image) for v in volumes)
+    assert len(twins.volumes) == 6 and len(twins) == originals
+    assert len(twins.index) == originals + sum(len(v.image) for v in twins.volumes[4:])
+    assert {v.patient for v in twins.volumes[4:]} <= {v.patient for v in volumes}
+    for twin in twins.volumes[4:]:  # the scalp is gone: the head's corner pixels are dark
+        plain = next(v for v in twins.volumes[:4] if v.patient == twin.patient)
+        assert (twin.image > 0).mean() < (plain.image > 0).mean()
+    weights = su.tumour_weights(twins)
+    assert float(weights.sum()) == pytest.approx(1.0)
+    assert float(weights[originals:].sum()) == pytest.approx(2 / 6)
+    config = su.TrainConfig(batch_size=4)
+    drawn = [i for _ in range(3) for i in su._epoch_loader(twins, config, weights, 0).sampler]
+    assert len(drawn) == 3 * originals and max(drawn) >= originals  # twins are drawn
+    assert [v.patient for v in sp.WithStrippedTwins(volumes, pre, 0.5, 0).volumes] == [
+        v.patient for v in twins.volumes
+    ]  # seeded
+    assert len(sp.WithStrippedTwins(volumes, pre, share=0.0).volumes) == 4
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        sp.WithStrippedTwins(volumes, pre, share=1.5)
