@@ -625,6 +625,14 @@ def _shift_dice(model, pre, volume: su.Volume, settings: dict) -> float:
     return float(patients.dice.iloc[0])
 
 
+def site_shift_table(scores):
+    """Mean per-patient Dice per condition and its difference to clean."""
+    import pandas as pd
+
+    mean = scores.mean()
+    return pd.DataFrame({"patient Dice mean": mean, "change vs clean": mean - mean["clean"]})
+
+
 class WithStrippedTwins(su.SliceDataset):
     """Training slices plus skull-stripped twins of a seeded share of the volumes: an augmentation
     for skull-stripped scans from other sites. An epoch draws as many slices as the originals
@@ -641,14 +649,6 @@ class WithStrippedTwins(su.SliceDataset):
 
     def __len__(self) -> int:
         return self.originals
-
-
-def site_shift_table(scores):
-    """Mean per-patient Dice per condition and its difference to clean."""
-    import pandas as pd
-
-    mean = scores.mean()
-    return pd.DataFrame({"patient Dice mean": mean, "change vs clean": mean - mean["clean"]})
 
 
 # ----------------------------------------------------------------------------- command line

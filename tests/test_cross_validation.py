@@ -22,6 +22,7 @@ import time_to_dice  # noqa: E402
 import train_lgg  # noqa: E402
 
 TINY = ["--size", "32", "--width", "4", "--depth", "2", "--epochs", "1", "--batch-size", "4"]
+TINY_RECIPE = dict(train_lgg.DEFAULTS, size=32, width=4, depth=2, epochs=1, batch_size=4)  # = TINY
 
 
 def test_folds_cover_every_patient_once_in_near_equal_sizes():
@@ -125,7 +126,7 @@ def test_notebook_04_scores_a_cross_validation_folder_as_cross_validate_did(
 def test_notebook_04_scores_an_ensemble_of_run_folders(synthetic_set, tmp_path):
     data = synthetic_set(10)
     splits = su.split_by_patient(su.scan_dataset(data))
-    tiny = dict(train_lgg.DEFAULTS, size=32, width=4, depth=2, epochs=1, batch_size=4)
+    tiny = TINY_RECIPE
     for seed in (0, 1):
         train_lgg.train_run(splits["train"], splits["val"], tmp_path / f"seed{seed}",
                             dict(tiny, seed=seed), progress=False)  # fmt: skip
@@ -174,7 +175,7 @@ def test_time_to_reach_a_dice_known_answer():
 
 def test_time_to_dice_reuses_a_finished_run_and_refuses_another_recipe(synthetic_set, tmp_path):
     splits = su.split_by_patient(su.scan_dataset(synthetic_set(6)), seed=0)
-    tiny = dict(train_lgg.DEFAULTS, size=32, width=4, depth=2, epochs=1, batch_size=4)
+    tiny = TINY_RECIPE
     first, earlier = time_to_dice.run_recipe("tiny", tiny, splits, tmp_path)
     assert earlier == 0 and len(first) == 1
     again, earlier = time_to_dice.run_recipe("tiny", tiny, splits, tmp_path)
@@ -190,7 +191,7 @@ def test_train_run_trains_where_pick_device_points(synthetic_set, monkeypatch, t
     seen = []
     monkeypatch.setattr(su, "pick_device", lambda: torch.device("meta"))  # stands in for "cuda"
     monkeypatch.setattr(su, "train", lambda model, *a, **k: seen.append(model.head.weight.device))
-    tiny = dict(train_lgg.DEFAULTS, size=32, width=4, depth=2, epochs=1, batch_size=4)
+    tiny = TINY_RECIPE
     train_lgg.train_run(splits["train"], splits["val"], tmp_path, tiny, progress=False)
     assert seen == [torch.device("meta")]
 
@@ -199,7 +200,7 @@ def test_train_run_adds_stripped_twins_when_asked(synthetic_set, tmp_path):
     """--strip 1: every training patient appears twice in what trained (itself and its stripped
     twin), the epoch keeps its length, and the patients stay the split's training patients."""
     splits = su.split_by_patient(su.scan_dataset(synthetic_set(6)), seed=0)
-    tiny = dict(train_lgg.DEFAULTS, size=32, width=4, depth=2, epochs=1, batch_size=4, strip=1.0)
+    tiny = dict(TINY_RECIPE, strip=1.0)
     train_lgg.train_run(splits["train"], splits["val"], tmp_path, tiny, progress=False)
     state = torch.load(tmp_path / "last.pt", weights_only=False)
     names = sorted({r.patient for r in splits["train"]})
@@ -210,7 +211,7 @@ def test_train_run_adds_stripped_twins_when_asked(synthetic_set, tmp_path):
 def test_site_shift_scores_the_validation_patients_when_asked(synthetic_set, tmp_path):
     data = synthetic_set(6)
     splits = su.split_by_patient(su.scan_dataset(data), seed=0)
-    tiny = dict(train_lgg.DEFAULTS, size=32, width=4, depth=2, epochs=1, batch_size=4)
+    tiny = TINY_RECIPE
     train_lgg.train_run(splits["train"], splits["val"], tmp_path, tiny, progress=False)
     done = _run("site_shift.py", str(tmp_path / "best.pt"), "--split", "val", "--shifts",
                 "skull stripped", data=data)  # fmt: skip

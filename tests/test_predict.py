@@ -428,7 +428,7 @@ def test_stripped_twins_join_the_draws_without_lengthening_an_epoch(data_dir):
     assert len(twins.volumes) == 6 and len(twins) == originals
     assert len(twins.index) == originals + sum(len(v.image) for v in twins.volumes[4:])
     assert {v.patient for v in twins.volumes[4:]} <= {v.patient for v in volumes}
-    for twin in twins.volumes[4:]:  # the scalp is gone: the head's corner pixels are dark
+    for twin in twins.volumes[4:]:  # scalp and skull are gone: fewer pixels above 0
         plain = next(v for v in twins.volumes[:4] if v.patient == twin.patient)
         assert (twin.image > 0).mean() < (plain.image > 0).mean()
     weights = su.tumour_weights(twins)
