@@ -633,17 +633,36 @@ def site_shift_table(scores):
     return pd.DataFrame({"patient Dice mean": mean, "change vs clean": mean - mean["clean"]})
 
 
-class WithStrippedTwins(su.SliceDataset):
-    """Training slices plus skull-stripped twins of a seeded share of the volumes: an augmentation
-    for skull-stripped scans from other sites. An epoch draws as many slices as the originals
-    have (len), by tumour_weights over all of them (train's default tumour_sampling; a plain
-    random sampler would draw originals only), so an epoch costs what it costs without twins."""
+def random_site_shift(volume: su.Volume, rng) -> su.Volume:
+    """The volume as another site might deliver it: skull stripping, a zoom, a gamma, a bias field
+    and Rician noise, each by chance and of random strength (the families of SHIFTS, other values)."""
+    if rng.random() < 0.3:  # physical changes first, as in the scanner and the site's pipeline
+        volume = skull_strip(volume)
+    if rng.random() < 0.3:
+        volume = _zoom(volume, float(np.exp(rng.uniform(np.log(0.8), np.log(1.25)))))
+    if rng.random() < 0.5:
+        volume = _gamma(volume, float(np.exp(rng.uniform(np.log(0.6), np.log(1.7)))))
+    if rng.random() < 0.5:
+        volume = _bias(volume, rng, rng.uniform(0.1, 0.4))
+    if rng.random() < 0.5:  # noise last: it is added to the image the coil measured
+        volume = _rician(volume, rng, rng.uniform(0.01, 0.08))
+    return volume
 
-    def __init__(self, volumes: list[su.Volume], pre, share: float, seed: int = 0, transform=None):
+
+class WithTwins(su.SliceDataset):
+    """Training slices plus shifted twins (shift(volume, rng): skull_strip, random_site_shift) of
+    a seeded share of the volumes: an augmentation for scans from other sites. An epoch draws as
+    many slices as the originals have (len), by tumour_weights over all of them (train's default
+    tumour_sampling; a plain random sampler would draw originals only), so an epoch costs what it
+    costs without twins."""
+
+    def __init__(self, volumes: list[su.Volume], pre, share: float, seed: int = 0, transform=None,
+                 shift=skull_strip):  # fmt: skip
         if not 0 <= share <= 1:
-            raise ValueError(f"the share of volumes with a stripped twin is in [0, 1], not {share}")
+            raise ValueError(f"the share of volumes with a twin is in [0, 1], not {share}")
         order = np.random.default_rng(seed).permutation(len(volumes))
-        twins = [skull_strip(volumes[i]) for i in sorted(order[: round(share * len(volumes))])]
+        picked = sorted(order[: round(share * len(volumes))])
+        twins = [shift(volumes[i], np.random.default_rng([seed, int(i)])) for i in picked]
         super().__init__(su.prepare_volumes(volumes + twins, pre), transform)
         self.originals = sum(len(v.image) for v in volumes)  # slices an epoch draws
 

@@ -31,14 +31,15 @@ DEFAULTS = dict(  # this checkout's defaults: what `--recipe default` trains
     size=su.Preprocess.size, width=_UNET["base_width"].default, depth=_UNET["depth"].default,
     epochs=su.TrainConfig.epochs, batch_size=su.TrainConfig.batch_size, lr=su.TrainConfig.lr,
     seed=su.TrainConfig.seed, patience=su.TrainConfig.patience, channels="all",
-    crop=su.TrainConfig.train_crop, uniform=su.TrainConfig.sampling_uniform, strip=0.0,
+    crop=su.TrainConfig.train_crop, uniform=su.TrainConfig.sampling_uniform, strip=0.0, site=0.0,
 )  # fmt: skip
 RECIPES = {
     "default": {},
     # the default of the first real-data results (README): 128 px, width 16, depth 4, 40 epochs
     "old": dict(size=128, width=16, depth=4, epochs=40, batch_size=16, lr=3e-3, patience=40,
-                crop=1.0, uniform=0.1, strip=0.0),
+                crop=1.0, uniform=0.1, strip=0.0, site=0.0),
 }  # fmt: skip
+TWINS = {"strip": sp.skull_strip, "site": sp.random_site_shift}  # recipe key -> twin's shift
 
 
 def machine_line() -> str:
@@ -69,7 +70,9 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--uniform", type=float, help="share of each patient's slice draws spread "
                         "evenly over its slices (the rest by tumour area)")  # fmt: skip
     parser.add_argument("--strip", type=float, help="share of training volumes that also appear "
-                        "skull-stripped (seg_predict.WithStrippedTwins; 0 = none)")  # fmt: skip
+                        "skull-stripped (seg_predict.WithTwins; 0 = none)")  # fmt: skip
+    parser.add_argument("--site", type=float, help="share of training volumes that also appear as "
+                        "another site might deliver them (seg_predict.random_site_shift)")  # fmt: skip
 
 
 def recipe_from_args(args: argparse.Namespace) -> dict:
@@ -82,9 +85,13 @@ def train_run(train_records, val_records, run_dir, recipe: dict, resume=False, p
     """Prepare the data, build the U-Net and train it with `recipe`; returns the history."""
     pre = su.Preprocess(size=recipe["size"], channels=su.parse_channels(recipe["channels"]))
     volumes = su.load_volumes(train_records, progress)
-    if recipe["strip"] > 0:  # a site-shift augmentation (issue 13): stripped twins beside them
-        train_set = sp.WithStrippedTwins(volumes, pre, recipe["strip"], recipe["seed"],
-                                         su.train_transform())  # fmt: skip
+    twins = [(k, shift) for k, shift in TWINS.items() if recipe[k] > 0]
+    if len(twins) > 1:
+        raise SystemExit("--strip and --site are two kinds of twins: give one of them")
+    if twins:  # a site-shift augmentation (issue 13): shifted twins beside the volumes
+        key, shift = twins[0]
+        train_set = sp.WithTwins(volumes, pre, recipe[key], recipe["seed"], su.train_transform(),
+                                 shift)  # fmt: skip
     else:
         train_set = su.SliceDataset(su.prepare_volumes(volumes, pre), su.train_transform())
     val_volumes = su.prepare_volumes(su.load_volumes(val_records, progress), pre)

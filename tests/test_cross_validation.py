@@ -196,11 +196,15 @@ def test_train_run_trains_where_pick_device_points(synthetic_set, monkeypatch, t
     assert seen == [torch.device("meta")]
 
 
-def test_train_run_adds_stripped_twins_when_asked(synthetic_set, tmp_path):
-    """--strip 1: every training patient appears twice in what trained (itself and its stripped
+@pytest.mark.parametrize("kind", ["strip", "site"])
+def test_train_run_adds_twins_when_asked(synthetic_set, tmp_path, kind):
+    """--strip 1 / --site 1: every training patient appears twice in what trained (itself and its
     twin), the epoch keeps its length, and the patients stay the split's training patients."""
     splits = su.split_by_patient(su.scan_dataset(synthetic_set(6)), seed=0)
-    tiny = dict(TINY_RECIPE, strip=1.0)
+    both = dict(TINY_RECIPE, strip=0.5, site=0.5)
+    with pytest.raises(SystemExit, match="two kinds of twins"):
+        train_lgg.train_run(splits["train"], splits["val"], tmp_path, both, progress=False)
+    tiny = dict(TINY_RECIPE, **{kind: 1.0})
     train_lgg.train_run(splits["train"], splits["val"], tmp_path, tiny, progress=False)
     state = torch.load(tmp_path / "last.pt", weights_only=False)
     names = sorted({r.patient for r in splits["train"]})

@@ -418,12 +418,51 @@ def test_site_shifts_are_deterministic_and_change_the_scans(checkpoint, patient)
     assert table.loc["clean", "change vs clean"] == 0.0
 
 
+def test_random_site_shifts_draw_each_family_in_its_range_and_are_seeded(patient, monkeypatch):
+    """Over 40 draws every family happens sometimes but not always, with strengths inside the
+    documented ranges, stripping and zoom before the intensity changes and the noise last."""
+    vol, _ = patient
+    calls = []
+
+    def recorder(name, fn):
+        def record(volume, *args):
+            calls[-1].append((name, *[a for a in args if isinstance(a, float)]))
+            return fn(volume, *args)
+
+        return record
+
+    for name in ("skull_strip", "_zoom", "_gamma", "_bias", "_rician"):
+        monkeypatch.setattr(sp, name, recorder(name, getattr(sp, name)))
+    for seed in range(40):
+        calls.append([])
+        out = sp.random_site_shift(vol, np.random.default_rng(seed))
+        assert out.image.dtype == np.uint8 and out.image.shape == vol.image.shape
+    order = ["skull_strip", "_zoom", "_gamma", "_bias", "_rician"]
+    for draw in calls:
+        names = [c[0] for c in draw]
+        assert names == sorted(names, key=order.index)
+    counts = {name: sum(name in [c[0] for c in d] for d in calls) for name in order}
+    assert all(0 < n < 40 for n in counts.values()), counts
+    ranges = {
+        "_zoom": (0.8, 1.25),
+        "_gamma": (0.6, 1.7),
+        "_bias": (0.1, 0.4),
+        "_rician": (0.01, 0.08),
+    }
+    for name, (lo, hi) in ranges.items():
+        values = [c[1] for d in calls for c in d if c[0] == name]
+        assert lo <= min(values) and max(values) <= hi, name
+    monkeypatch.undo()
+    again = [sp.random_site_shift(vol, np.random.default_rng(3)).image for _ in range(2)]
+    np.testing.assert_array_equal(*again)
+
+
 def test_stripped_twins_join_the_draws_without_lengthening_an_epoch(data_dir):
     """share 0.5 of 4 volumes: 2 stripped twins of the same patients, a third of the sampling
     weight (each volume weighs the same), and an epoch still draws the originals' slice count."""
     volumes = su.load_volumes(su.scan_dataset(data_dir), progress=False)[:4]
     pre = su.Preprocess(size=32)
-    twins = sp.WithStrippedTwins(volumes, pre, share=0.5, seed=0)
+    twins = sp.WithTwins(volumes, pre, share=0.5, seed=0)
     originals = sum(len(v.image) for v in volumes)
     assert len(twins.volumes) == 6 and len(twins) == originals
     assert len(twins.index) == originals + sum(len(v.image) for v in twins.volumes[4:])
@@ -437,9 +476,12 @@ def test_stripped_twins_join_the_draws_without_lengthening_an_epoch(data_dir):
     config = su.TrainConfig(batch_size=4)
     drawn = [i for _ in range(3) for i in su._epoch_loader(twins, config, weights, 0).sampler]
     assert len(drawn) == 3 * originals and max(drawn) >= originals  # twins are drawn
-    assert [v.patient for v in sp.WithStrippedTwins(volumes, pre, 0.5, 0).volumes] == [
+    assert [v.patient for v in sp.WithTwins(volumes, pre, 0.5, 0).volumes] == [
         v.patient for v in twins.volumes
     ]  # seeded
-    assert len(sp.WithStrippedTwins(volumes, pre, share=0.0).volumes) == 4
+    assert len(sp.WithTwins(volumes, pre, share=0.0).volumes) == 4
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
-        sp.WithStrippedTwins(volumes, pre, share=1.5)
+        sp.WithTwins(volumes, pre, share=1.5)
+    site = sp.WithTwins(volumes, pre, share=0.5, seed=0, shift=sp.random_site_shift)
+    assert [v.patient for v in site.volumes] == [v.patient for v in twins.volumes]  # same picks
+    assert not np.array_equal(site.volumes[4].image, twins.volumes[4].image)  # another shift
