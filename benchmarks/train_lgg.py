@@ -84,10 +84,10 @@ def recipe_from_args(args: argparse.Namespace) -> dict:
 def train_run(train_records, val_records, run_dir, recipe: dict, resume=False, progress=True):
     """Prepare the data, build the U-Net and train it with `recipe`; returns the history."""
     pre = su.Preprocess(size=recipe["size"], channels=su.parse_channels(recipe["channels"]))
-    volumes = su.load_volumes(train_records, progress)
     twins = [(k, shift) for k, shift in TWINS.items() if recipe[k] > 0]
-    if len(twins) > 1:
+    if len(twins) > 1:  # said before any scan is read
         raise SystemExit("--strip and --site are two kinds of twins: give one of them")
+    volumes = su.load_volumes(train_records, progress)
     if twins:  # a site-shift augmentation (issue 13): shifted twins beside the volumes
         key, shift = twins[0]
         train_set = sp.WithTwins(volumes, pre, recipe[key], recipe["seed"], su.train_transform(),

@@ -126,10 +126,9 @@ def test_notebook_04_scores_a_cross_validation_folder_as_cross_validate_did(
 def test_notebook_04_scores_an_ensemble_of_run_folders(synthetic_set, tmp_path):
     data = synthetic_set(10)
     splits = su.split_by_patient(su.scan_dataset(data))
-    tiny = TINY_RECIPE
     for seed in (0, 1):
         train_lgg.train_run(splits["train"], splits["val"], tmp_path / f"seed{seed}",
-                            dict(tiny, seed=seed), progress=False)  # fmt: skip
+                            dict(TINY_RECIPE, seed=seed), progress=False)  # fmt: skip
     executed = _notebook_04(tmp_path, data, tmp_path / "seed0", str(tmp_path / "seed1"))
     assert executed.returncode == 0, executed.stderr[-3000:]
     record = json.loads((tmp_path / "seed0" / "ensemble_test_metrics.json").read_text())
@@ -175,13 +174,12 @@ def test_time_to_reach_a_dice_known_answer():
 
 def test_time_to_dice_reuses_a_finished_run_and_refuses_another_recipe(synthetic_set, tmp_path):
     splits = su.split_by_patient(su.scan_dataset(synthetic_set(6)), seed=0)
-    tiny = TINY_RECIPE
-    first, earlier = time_to_dice.run_recipe("tiny", tiny, splits, tmp_path)
+    first, earlier = time_to_dice.run_recipe("tiny", TINY_RECIPE, splits, tmp_path)
     assert earlier == 0 and len(first) == 1
-    again, earlier = time_to_dice.run_recipe("tiny", tiny, splits, tmp_path)
+    again, earlier = time_to_dice.run_recipe("tiny", TINY_RECIPE, splits, tmp_path)
     assert earlier == 1 and again == first  # reused: nothing trained, the seconds are the first's
     with pytest.raises(su.CheckpointError, match="was trained with"):
-        time_to_dice.run_recipe("tiny", dict(tiny, lr=0.01), splits, tmp_path)
+        time_to_dice.run_recipe("tiny", dict(TINY_RECIPE, lr=0.01), splits, tmp_path)
 
 
 def test_train_run_trains_where_pick_device_points(synthetic_set, monkeypatch, tmp_path):
@@ -191,8 +189,7 @@ def test_train_run_trains_where_pick_device_points(synthetic_set, monkeypatch, t
     seen = []
     monkeypatch.setattr(su, "pick_device", lambda: torch.device("meta"))  # stands in for "cuda"
     monkeypatch.setattr(su, "train", lambda model, *a, **k: seen.append(model.head.weight.device))
-    tiny = TINY_RECIPE
-    train_lgg.train_run(splits["train"], splits["val"], tmp_path, tiny, progress=False)
+    train_lgg.train_run(splits["train"], splits["val"], tmp_path, TINY_RECIPE, progress=False)
     assert seen == [torch.device("meta")]
 
 
@@ -215,8 +212,7 @@ def test_train_run_adds_twins_when_asked(synthetic_set, tmp_path, kind):
 def test_site_shift_scores_the_validation_patients_when_asked(synthetic_set, tmp_path):
     data = synthetic_set(6)
     splits = su.split_by_patient(su.scan_dataset(data), seed=0)
-    tiny = TINY_RECIPE
-    train_lgg.train_run(splits["train"], splits["val"], tmp_path, tiny, progress=False)
+    train_lgg.train_run(splits["train"], splits["val"], tmp_path, TINY_RECIPE, progress=False)
     done = _run("site_shift.py", str(tmp_path / "best.pt"), "--split", "val", "--shifts",
                 "skull stripped", data=data)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
