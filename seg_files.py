@@ -117,3 +117,16 @@ def load_split_file(path: str | Path, records: list) -> dict[str, list]:
     if missing:
         raise DataError(f"{path} names patients with no data: {missing[:3]}... check LGG_DATA")
     return {name: [r for r in records if r.patient in ids] for name, ids in splits.items()}
+
+
+def check_probabilities(prob: np.ndarray, volume, threshold: float) -> None:
+    """Raise ValueError unless threshold and every probability of a patient lie in [0, 1] and
+    the probabilities have the shape of volume.mask (seg_utils.score_patients checks with it)."""
+    if not 0 <= threshold <= 1:  # NaN fails too
+        raise ValueError(f"threshold {threshold} is not a probability: choose one in [0, 1]")
+    if prob.shape != volume.mask.shape:
+        raise ValueError(f"probabilities of {volume.patient} have shape {prob.shape}, its mask "
+                         f"{volume.mask.shape}: predict this volume with su.predict_volume")  # fmt: skip
+    if not (np.isfinite(prob).all() and prob.min() >= 0 and prob.max() <= 1):
+        raise ValueError(f"probabilities of {volume.patient} hold NaN, infinity or values outside "
+                         "[0, 1]: pass sigmoid outputs (su.predict_volumes), not logits")  # fmt: skip

@@ -311,7 +311,8 @@ def run_settings(checkpoint: Path, **overrides) -> tuple[dict, str]:
             raise CheckpointError(f"{metrics} is damaged ({type(e).__name__}): delete it or run "
                                   "notebook 04 again") from e  # fmt: skip
         if evaluated == checkpoint.name:
-            settings |= {k: type(v)(chosen[k]) for k, v in DEFAULT_SETTINGS.items() if k in chosen}
+            settings |= {k: chosen[k] if chosen[k] == "mass" else type(v)(chosen[k])
+                         for k, v in DEFAULT_SETTINGS.items() if k in chosen}  # fmt: skip
             source = f"{metrics}: chosen on validation by notebook 04"
         else:
             source = f"defaults (threshold 0.5, no post-processing): {metrics} is for {evaluated}"
@@ -353,7 +354,7 @@ def predict_mask(model, pre: su.Preprocess, image: np.ndarray, settings: dict, p
         probs.append(su.predict_prepared(model, chunk, tta=settings["tta"]))  # (c, S, S)
     prob = su.uncrop(np.concatenate(probs), prepared.box, prepared.shape)  # (D, H, W)
     binary = su.postprocess(
-        prob >= settings["threshold"], settings["min_size"], settings["keep_largest"]
+        prob >= settings["threshold"], settings["min_size"], settings["keep_largest"], prob
     )
     return binary.astype(np.uint8)
 

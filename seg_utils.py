@@ -57,6 +57,7 @@ from seg_files import (
     CHANNELS,
     FLAIR,
     DataError,
+    check_probabilities,
     error_gist,
     find_kaggle_dir,
     load_split_file,
@@ -667,30 +668,23 @@ def dice_score(pred, target) -> float:
     return float(dice_from_counts((pred & target).sum(), pred.sum(), target.sum()))
 
 
-def postprocess(binary: np.ndarray, min_size: int = 0, keep_largest: bool = False) -> np.ndarray:
-    """Drop 3D connected components under min_size voxels, or keep only the largest one."""
+def postprocess(binary: np.ndarray, min_size: int = 0, keep_largest: bool | str = False,
+                prob: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """Drop 3D connected components under min_size voxels, or keep only the largest one: the most
+    voxels, or with keep_largest="mass" the largest sum of `prob` (a big faint blob loses)."""
     from scipy import ndimage
 
     if min_size <= 0 and not keep_largest:
         return binary.astype(bool)
+    if keep_largest == "mass" and prob is None:
+        raise ValueError('keep_largest="mass" weighs blobs by probability: pass prob=')
     labels, n = ndimage.label(binary)  # 3D: blobs that touch across slices are one
     if n == 0:
         return binary.astype(bool)
-    sizes = np.bincount(labels.ravel())[1:]
+    weights = prob.ravel().astype(np.float64) if keep_largest == "mass" else None
+    sizes = np.bincount(labels.ravel(), weights)[1:]  # voxels, or probability mass, per blob
     keep = sizes == sizes.max() if keep_largest else sizes >= min_size
     return np.concatenate([[False], keep])[labels]
-
-
-def _check_probabilities(prob: np.ndarray, volume: Volume, threshold: float) -> None:
-    """Raise ValueError unless threshold and every probability of a patient lie in [0, 1]."""
-    if not 0 <= threshold <= 1:  # NaN fails too
-        raise ValueError(f"threshold {threshold} is not a probability: choose one in [0, 1]")
-    if prob.shape != volume.mask.shape:
-        raise ValueError(f"probabilities of {volume.patient} have shape {prob.shape}, its mask "
-                         f"{volume.mask.shape}: predict this volume with su.predict_volume")  # fmt: skip
-    if not (np.isfinite(prob).all() and prob.min() >= 0 and prob.max() <= 1):
-        raise ValueError(f"probabilities of {volume.patient} hold NaN, infinity or values outside "
-                         "[0, 1]: pass sigmoid outputs (su.predict_volumes), not logits")  # fmt: skip
 
 
 def score_patients(probs: dict, volumes: list[Volume], threshold=0.5, min_size=0,
@@ -702,8 +696,9 @@ def score_patients(probs: dict, volumes: list[Volume], threshold=0.5, min_size=0
 
     patients, slices, masks = [], [], {}
     for vol in volumes:
-        _check_probabilities(probs[vol.patient], vol, threshold)
-        pred = postprocess(probs[vol.patient] >= threshold, min_size, keep_largest)
+        prob = probs[vol.patient]  # (D, H, W)
+        check_probabilities(prob, vol, threshold)
+        pred = postprocess(prob >= threshold, min_size, keep_largest, prob)
         masks[vol.patient] = pred
         truth = vol.mask.astype(bool)
         inter = (pred & truth).sum((1, 2))  # (D,) pixel counts per slice
@@ -762,7 +757,8 @@ def summarise(patients, slices) -> dict:
 
 def sweep_postprocessing(probs: dict, volumes: list[Volume], thresholds=(0.3, 0.4, 0.5, 0.6, 0.7),
                          min_sizes=(0, 50, 200, 500), largest=(False, True)):  # fmt: skip
-    """Mean per-patient Dice for every threshold / min_size / keep_largest (run on validation)."""
+    """Mean per-patient Dice for every threshold / min_size / keep_largest (run on validation;
+    largest=(False, True, "mass") tries the probability-mass choice of blob too)."""
     import pandas as pd
 
     rows = []
@@ -823,7 +819,9 @@ def mask_viewer(volumes: list[Volume], probs: dict | None = None, model=None, pr
     def prediction(vol: Volume, threshold: float):
         prob = probabilities(vol) if has_pred else None
         if prob is not None and (vol.patient, threshold) not in masks:
-            masks[vol.patient, threshold] = postprocess(prob >= threshold, min_size, keep_largest)
+            masks[vol.patient, threshold] = postprocess(
+                prob >= threshold, min_size, keep_largest, prob
+            )
         return masks.get((vol.patient, threshold))
 
     def redraw(*_):

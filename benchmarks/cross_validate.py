@@ -40,6 +40,9 @@ MIN_SIZES = (
     500,
     1000,
 )  # smallest kept 3D blob, voxels (LGG's worst errors: small FP blobs)
+# keep every blob, the one with the most voxels, or the one with the largest probability mass
+# (a big faint false blob at the skull base loses to a smaller confident tumour)
+LARGEST = (False, True, "mass")
 
 
 def fold_status(where: Path, epochs: int) -> str:
@@ -93,7 +96,10 @@ def fold_seconds(run_dir: Path, k: int) -> float:
 def gather(folds: list, pool: list, test: list, run_dir: Path, recipe: dict) -> dict:
     """Choose settings out-of-fold, score the cross-validation, then the test patients once."""
     volumes, oof = out_of_fold(folds, pool, run_dir)
-    sweeps = {tta: su.sweep_postprocessing(oof[tta], volumes, THRESHOLDS, MIN_SIZES) for tta in oof}
+    sweeps = {
+        tta: su.sweep_postprocessing(oof[tta], volumes, THRESHOLDS, MIN_SIZES, LARGEST)
+        for tta in oof
+    }
     chosen = su.choose_settings(sweeps)
     settings = (chosen["threshold"], chosen["min_size"], chosen["keep_largest"])
     cv_patients, cv_slices = su.evaluate_patients(oof[chosen["tta"]], volumes, *settings)

@@ -100,6 +100,24 @@ def test_postprocessing_removes_small_blobs_and_keeps_largest():
     assert not su.postprocess(np.zeros((2, 5, 5), bool)).any()
 
 
+def test_keep_largest_by_probability_mass_keeps_the_confident_blob():
+    binary = np.zeros((3, 20, 20), bool)
+    binary[0:2, 2:8, 2:8] = True  # 72 voxels at p 0.55: mass 39.6
+    binary[2, 12:19, 12:19] = True  # 49 voxels at p 0.95: mass 46.55, not touching
+    prob = np.where(binary, 0.55, 0.0)
+    prob[2, 12:19, 12:19] = 0.95
+    assert su.postprocess(binary, keep_largest=True).sum() == 72  # the most voxels
+    kept = su.postprocess(binary, keep_largest="mass", prob=prob)
+    assert kept.sum() == 49 and kept[2, 15, 15] and not kept[0, 5, 5]
+    volume = su.Volume("P", [1, 2, 3], np.zeros((3, 20, 20, 3), np.uint8),
+                       (kept * 255).astype(np.uint8))  # fmt: skip
+    for largest, dice in ((True, 0.0), ("mass", 1.0)):  # scoring passes the probabilities on
+        table, _ = su.evaluate_patients({"P": prob}, [volume], 0.5, 0, largest)
+        assert table.dice.iloc[0] == dice
+    with pytest.raises(ValueError, match="pass prob="):
+        su.postprocess(binary, keep_largest="mass")
+
+
 def test_post_processing_changes_the_score(two_patients):
     volumes, probs = two_patients
     plain, _ = su.evaluate_patients(probs, volumes, 0.5)
