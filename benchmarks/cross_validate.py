@@ -96,11 +96,13 @@ def fold_seconds(run_dir: Path, k: int) -> float:
 def gather(folds: list, pool: list, test: list, run_dir: Path, recipe: dict) -> dict:
     """Choose settings out-of-fold, score the cross-validation, then the test patients once."""
     volumes, oof = out_of_fold(folds, pool, run_dir)
+    print(f"sweeping {len(THRESHOLDS)} thresholds x blob rules x TTA on them", flush=True)
     sweeps = {
         tta: su.sweep_postprocessing(oof[tta], volumes, THRESHOLDS, MIN_SIZES, LARGEST)
         for tta in oof
     }
     chosen = su.choose_settings(sweeps)
+    print(f"chosen out of fold: {chosen}; now the test patients, once", flush=True)
     settings = (chosen["threshold"], chosen["min_size"], chosen["keep_largest"])
     cv_patients, cv_slices = su.evaluate_patients(oof[chosen["tta"]], volumes, *settings)
     plain, _ = su.evaluate_patients(oof[False], volumes, 0.5)
@@ -112,6 +114,7 @@ def gather(folds: list, pool: list, test: list, run_dir: Path, recipe: dict) -> 
         test_probs.append(su.predict_volumes(model, test_volumes, pre, chosen["tta"], False))
         table, _ = su.evaluate_patients(test_probs[-1], test_volumes, *settings)
         per_fold.append(dict(mean=table.dice.mean(), median=table.dice.median()))
+        print(f"test: fold model {len(per_fold)}/{len(members)} scored", flush=True)
     ensemble = {p: np.mean([probs[p] for probs in test_probs], axis=0) for p in test_probs[0]}
     test_patients, test_slices = su.evaluate_patients(ensemble, test_volumes, *settings)
     return dict(

@@ -608,7 +608,7 @@ def test_random_crops_cut_the_same_window_of_image_and_mask():
 def test_resume_of_a_run_from_before_train_crop(data, tmp_path):
     """Older checkpoints have no train_crop or sampling_uniform: they trained on whole images with
     10 % uniform draws and resume as such."""
-    whole = dataclasses.replace(CONFIG, epochs=2, train_crop=1.0)
+    whole = dataclasses.replace(CONFIG, epochs=2, train_crop=1.0, sampling_uniform=0.1)
 
     def interrupt(history):
         raise KeyboardInterrupt

@@ -318,6 +318,9 @@ def test_settings_come_from_notebook_04_and_flags_override(checkpoint, tmp_path)
     assert (
         settings == chosen | {"threshold": 0.3} and "overridden by the caller: threshold" in source
     )
+    record["chosen_on_validation"] = chosen | {"keep_largest": "mass"}  # stays "mass", not True
+    (run / "test_metrics.json").write_text(json.dumps(record))
+    assert sp.run_settings(run / "best.pt")[0]["keep_largest"] == "mass"
     settings, source = sp.run_settings(run / "last.pt")  # notebook 04 scored best.pt, not this
     assert settings == sp.DEFAULT_SETTINGS and "is for best.pt" in source
     (run / "test_metrics.json").write_text("{broken")
