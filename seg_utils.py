@@ -678,8 +678,9 @@ def postprocess(binary: np.ndarray, min_size: int = 0, keep_largest: bool | str 
 
     if min_size <= 0 and not keep_largest:
         return binary.astype(bool)
-    if keep_largest == "mass" and prob is None:
-        raise ValueError('keep_largest="mass" weighs blobs by probability: pass prob=')
+    if keep_largest not in (False, True, "mass") or (keep_largest == "mass" and prob is None):
+        raise ValueError(f'keep_largest is False, True (most voxels) or "mass" (weighs blobs by '
+                         f"probability: pass prob=), not {keep_largest!r}")  # fmt: skip
     labels, n = ndimage.label(binary)  # 3D: blobs that touch across slices are one
     if n == 0:
         return binary.astype(bool)

@@ -357,6 +357,7 @@ def test_train_transform_keeps_mask_binary_and_aligned():
 
 def test_tumour_weights(dataset64):
     weights = su.tumour_weights(dataset64)
+    assert torch.equal(weights, su.tumour_weights(dataset64, su.TrainConfig.sampling_uniform))
     assert weights.shape == (len(dataset64),)
     assert weights.sum().item() == pytest.approx(1.0)
     assert (weights > 0).all()

@@ -116,6 +116,8 @@ def test_keep_largest_by_probability_mass_keeps_the_confident_blob():
         assert table.dice.iloc[0] == dice
     with pytest.raises(ValueError, match="pass prob="):
         su.postprocess(binary, keep_largest="mass")
+    with pytest.raises(ValueError, match="not 'Mass'"):
+        su.postprocess(binary, keep_largest="Mass", prob=prob)
 
 
 def test_post_processing_changes_the_score(two_patients):
