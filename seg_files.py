@@ -1,7 +1,7 @@
 """Reading the kaggle_3m folder and split files safely: the file names, the checks on every folder
 and file (and on the probabilities handed to scoring), and DataError, whose message names the file
-and the fix. seg_utils.scan_dataset and
-read_slice (lesson 01) build on these; no lesson teaches them. Its public names are su.<name> too.
+and the fix. seg_utils.scan_dataset and read_slice (lesson 01) build on these; no lesson teaches
+them. Its public names are su.<name> too.
 
 The layout (the LGG MRI Segmentation set, and the synthetic stand-in of seg_synthetic.py):
     kaggle_3m/<patient>/<patient>_<n>.tif         (H, W, 3) uint8 slice n, channels as CHANNELS

@@ -343,7 +343,8 @@ class SliceDataset(torch.utils.data.Dataset):
 def tumour_weights(dataset: SliceDataset, uniform: float | None = None) -> torch.Tensor:
     """Sampling weight per slice: each patient equally, then slices by tumour area + uniform
     (a share; None: training's default, TrainConfig.sampling_uniform)."""
-    uniform, weights = TrainConfig.sampling_uniform if uniform is None else uniform, []
+    uniform = TrainConfig.sampling_uniform if uniform is None else uniform
+    weights = []
     for vol in dataset.volumes:
         area = vol.mask.reshape(len(vol.mask), -1).sum(1).astype(np.float64)  # (D,)
         area = area / area.sum() if area.sum() > 0 else np.full_like(area, 1 / len(area))
@@ -684,7 +685,7 @@ def postprocess(binary: np.ndarray, min_size: int = 0, keep_largest: bool | str 
     labels, n = ndimage.label(binary)  # 3D: blobs that touch across slices are one
     if n == 0:
         return binary.astype(bool)
-    weights = prob.ravel().astype(np.float64) if keep_largest == "mass" else None
+    weights = prob.ravel() if keep_largest == "mass" else None
     sizes = np.bincount(labels.ravel(), weights)[1:]  # voxels, or probability mass, per blob
     keep = sizes == sizes.max() if keep_largest else sizes >= min_size
     return np.concatenate([[False], keep])[labels]

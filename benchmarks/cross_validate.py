@@ -81,7 +81,7 @@ def out_of_fold(folds: list, pool: list, run_dir: Path) -> tuple[list, dict]:
         vols = su.load_volumes(records, progress=False)
         for tta in probs:
             for v in vols:
-                probs[tta][v.patient] = su.predict_volume(model, v, pre, tta=tta).astype(np.float32)
+                probs[tta][v.patient] = su.predict_volume(model, v, pre, tta=tta)
         volumes += vols
         print(f"out-of-fold predictions: fold {k + 1}/{len(folds)} done", flush=True)
     return volumes, probs
