@@ -125,22 +125,25 @@ def _check_same_data(path: Path, state: dict, data: dict) -> None:
                               "the LGG_DATA and SEG_SPLIT_SEED it used, or start a new run")  # fmt: skip
 
 
-def _resume(path: Path, model, optimizer, scheduler, config, pre, data) -> list[dict]:
-    """Restore model, optimiser, schedule and RNG from last.pt; return its history."""
+def _resume(path: Path, model, optimizer, scheduler, config, pre, data, average) -> list[dict]:
+    """Restore model, its moving average, optimiser, schedule and RNG from last.pt; return its
+    history."""
     state = read_checkpoint(path)
     saved_pre = asdict(type(pre).from_saved(state["preprocess"]))  # older checkpoints too
     if state["model_config"] != model.config or saved_pre != asdict(pre):
         raise CheckpointError(f"{path} holds a model {state['model_config']} with preprocessing "
                               f"{state['preprocess']}: build the same, or use a new run folder")  # fmt: skip
     # only the stopping rule may change on resume: compare with the new patience filled in;
-    # checkpoints from before train_crop / sampling_uniform trained on whole images (1.0) / 0.1
-    before = {"train_crop": 1.0, "sampling_uniform": 0.1}
+    # checkpoints from before train_crop / sampling_uniform / ema_decay: whole images, 0.1, none
+    before = {"train_crop": 1.0, "sampling_uniform": 0.1, "ema_decay": 0.0}
     saved = {**before, **state["train_config"], "patience": config.patience}
     if saved != asdict(config):
         raise CheckpointError(f"{path} was trained with {state['train_config']}, not {asdict(config)}: "
                               "use the same parameters, or a new run folder")  # fmt: skip
     _check_same_data(path, state, data)
-    model.load_state_dict(state["model_state"])
+    model.load_state_dict(state.get("live_state", state["model_state"]))
+    if average is not None:  # model_state is the average where there is one
+        average.load_state_dict(state["model_state"])
     optimizer.load_state_dict(state["optimizer_state"])
     scheduler.load_state_dict(state["scheduler_state"])
     torch.set_rng_state(state["torch_rng"])
@@ -148,24 +151,34 @@ def _resume(path: Path, model, optimizer, scheduler, config, pre, data) -> list[
     return state["history"]
 
 
-def start_run(run_dir: Path, resume: bool, model, optimizer, scheduler, config, pre, data) -> list:
+def start_run(run_dir: Path, resume: bool, model, optimizer, scheduler, config, pre, data,
+              average=None) -> list:  # fmt: skip
     """Clear half-written files, then resume from last.pt (its history) or set an earlier run
     aside and start afresh (an empty history)."""
     _remove_partial_writes(run_dir)
     if resume and (run_dir / "last.pt").exists():
-        return _resume(run_dir / "last.pt", model, optimizer, scheduler, config, pre, data)
+        return _resume(run_dir / "last.pt", model, optimizer, scheduler, config, pre, data, average)
     if resume:
         print(f"nothing to resume: {run_dir / 'last.pt'} does not exist; starting a new run")
     _keep_previous_run(run_dir)
     return []
 
 
-def save_run(run_dir, model, optimizer, scheduler, config, pre, history, precision, data) -> None:
-    """Write last.pt, best.pt when validation Dice improved, and history.json (all atomic)."""
+def _weights(model) -> dict:
+    """The model's state dict with contiguous (NCHW) tensors: the same file from any layout."""
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def save_run(run_dir, model, optimizer, scheduler, config, pre, history, precision, data,
+             average=None) -> None:  # fmt: skip
+    """Write last.pt, best.pt when validation Dice improved, and history.json (all atomic).
+    model_state holds the validated weights: the moving average where there is one; the
+    trained weights go to live_state then, for a resume."""
     state = dict(
         **data,  # patients {"train": [...], "val": [...]} and train_slices: see train()
         format=CHECKPOINT_FORMAT, model_config=model.config,
-        model_state={k: v.contiguous() for k, v in model.state_dict().items()},
+        model_state=_weights(model if average is None else average),
+        **({} if average is None else {"live_state": _weights(model)}),
         optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
         epoch=len(history), history=history, train_config=asdict(config),
         preprocess=asdict(pre), precision=precision, torch_rng=torch.get_rng_state(),

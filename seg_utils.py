@@ -15,16 +15,17 @@ Contents                                                               taught in
        load_checkpoint
     4. Evaluation: predict_volume, uncrop, dice_from_counts, postprocess,  04_evaluate
        score_patients, summarise, sweep_postprocessing
-    5. The mask viewer: mask_viewer                                        05_mask_viewer
+    5. The mask viewer: mask_viewer (widgets: seg_viewer.py)               05_mask_viewer
     6. Tools: show_source, `python -m seg_utils data|predict|export`       (no lesson)
 Code that no lesson teaches lives in modules of its own, whose public names are also su.<name>:
 seg_files.py (file names and checks, DataError), seg_synthetic.py (the synthetic MRI set),
 seg_runs.py (checkpoint files, resume, run folders), seg_hardware.py (device, bf16 or fp32,
-memory layout) and seg_draw.py (slices, curves, plots).
+memory layout), seg_draw.py (slices, curves, plots) and seg_viewer.py (the mask viewer's widgets).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import time
@@ -480,10 +481,15 @@ class TrainConfig:
     # test Dice, two seeds: 0.839 and 0.836 for 24 such epochs, 0.841 and 0.840 for 40 epochs on
     # whole images (1.0, `--recipe old`) at 3x the work; 20 such epochs: 0.788 and 0.826
     num_workers: int = 0  # 2 cores: 0 workers 57 img/s, 1-2 workers 53-54 (bench_loader.py)
+    ema_decay: float = 0.0  # > 0: validate and save a moving average of the weights (update_ema;
+    # 0.99 averages ~100 steps). LGG, 12 epochs of windows with 0.99: a smooth validation curve
+    # (0.751 at epoch 5) but best 0.775, so not the default (README, "time to Dice")
 
     def __post_init__(self):
         if not 0 < self.train_crop <= 1:
             raise ValueError(f"train_crop is a share of the side in (0, 1], not {self.train_crop}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay is in [0, 1) (0: no average), not {self.ema_decay}")
         if not 0 <= self.sampling_uniform <= 1:
             raise ValueError(f"sampling_uniform is a share in [0, 1], not {self.sampling_uniform}")
 
@@ -519,8 +525,22 @@ def random_crops(x: torch.Tensor, y: torch.Tensor, side: int, generator: torch.G
     return torch.stack(xs), torch.stack(ys)  # (B, C, side, side), (B, 1, side, side)
 
 
-def _train_one_epoch(model, loader, optimizer, scheduler, precision, config, epoch, progress):
-    """One pass over the loader (on random windows, config.train_crop); the mean training loss."""
+@torch.no_grad()
+def update_ema(average: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """average <- d * average + (1 - d) * model, weights and BatchNorm statistics alike, where
+    d = decay, or less in the first steps (`step` 0, 1, ...) so the random start fades fast."""
+    d = min(decay, (1 + step) / (10 + step))  # TensorFlow's warm-up: 0.1, 0.18, ... 0.99 at 890
+    for avg, new in zip(average.state_dict().values(), model.state_dict().values()):
+        if avg.is_floating_point():
+            avg.lerp_(new, 1 - d)  # d 0.99: an average over about the last 100 steps
+        else:
+            avg.copy_(new)  # BatchNorm's count of batches
+
+
+def _train_one_epoch(model, loader, optimizer, scheduler, precision, config, epoch, progress,
+                     average=None):  # fmt: skip
+    """One pass over the loader (on random windows, config.train_crop); the mean training loss.
+    `average` (a copy of the model) follows the weights step by step (config.ema_decay)."""
     model.train()
     total, seen = 0.0, 0
     side = crop_side(loader.dataset.volumes[0].image.shape[1], config.train_crop,
@@ -532,6 +552,8 @@ def _train_one_epoch(model, loader, optimizer, scheduler, precision, config, epo
         total += train_step(model, optimizer, x, y, precision, config.dice_weight) * len(x)
         seen += len(x)
         scheduler.step()
+        if average is not None:
+            update_ema(average, model, config.ema_decay, scheduler.last_epoch)  # steps so far
         bar.set_postfix(loss=f"{total / seen:.3f}")
     return total / seen
 
@@ -565,7 +587,8 @@ def validate(model, volumes: list[PreparedVolume], precision="auto") -> float:
 def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run_dir,
           config: TrainConfig | None = None, pre: Preprocess | None = None, resume=False,
           on_epoch_end=None, progress=True) -> list[dict]:  # fmt: skip
-    """Train with Adam + one-cycle; keep best.pt (validation Dice) and last.pt (resume)."""
+    """Train with Adam + one-cycle; keep best.pt (validation Dice) and last.pt (resume). With
+    config.ema_decay the moving average of the weights is what is validated and saved."""
     config, pre, run_dir = config or TrainConfig(), pre or Preprocess(), Path(run_dir)
     if not val_volumes:
         raise ValueError("train() needs at least one validation volume to choose the best epoch")
@@ -582,7 +605,8 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
                       val=[v.patient for v in val_volumes]),
         train_slices=len(train_set),
     )  # fmt: skip
-    history = start_run(run_dir, resume, model, optimizer, scheduler, config, pre, data)
+    average = copy.deepcopy(model) if config.ema_decay else None  # validated and saved, if any
+    history = start_run(run_dir, resume, model, optimizer, scheduler, config, pre, data, average)
     weights = tumour_weights(train_set, config.sampling_uniform) if config.tumour_sampling else None
     epochs = tqdm(range(len(history), config.epochs), desc=f"training ({precision})",
                   initial=len(history), total=config.epochs, disable=not progress)  # fmt: skip
@@ -591,12 +615,13 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
             start = time.perf_counter()
             loader = _epoch_loader(train_set, config, weights, epoch)
             loss = _train_one_epoch(model, loader, optimizer, scheduler, precision, config, epoch,
-                                    progress)  # fmt: skip
-            val_dice = validate(model, val_volumes, precision)
+                                    progress, average)  # fmt: skip
+            val_dice = validate(model if average is None else average, val_volumes, precision)
             history.append(dict(epoch=epoch + 1, train_loss=loss, val_dice=val_dice,
                                 lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - start))  # fmt: skip
             epochs.set_postfix(loss=f"{loss:.3f}", val_dice=f"{val_dice:.3f}")
-            save_run(run_dir, model, optimizer, scheduler, config, pre, history, precision, data)
+            save_run(run_dir, model, optimizer, scheduler, config, pre, history, precision, data,
+                     average)  # fmt: skip
             if on_epoch_end is not None:
                 on_epoch_end(history)
             best = max(range(len(history)), key=lambda i: history[i]["val_dice"])
@@ -775,113 +800,19 @@ def sweep_postprocessing(probs: dict, volumes: list[Volume], thresholds=(0.3, 0.
     return pd.DataFrame(rows)
 
 
-# ----------------------------- 5. The mask viewer (notebook 05)
-
-
-def mask_viewer(volumes: list[Volume], probs: dict | None = None, model=None, pre=None,
-                threshold: float = 0.5, min_size: int = 0, keep_largest: bool = False,
-                tta: bool = False):  # fmt: skip
-    """ipywidgets viewer: patient, slice, channel, truth/prediction, opacity and threshold.
-    Predictions come from `probs` ({patient: (D, H, W)}) or from `model` + `pre` (with `tta`),
-    computed once per patient, then thresholded and post-processed (postprocess with
-    `min_size`, `keep_largest`). The returned VBox has `.controls` (its widgets) for tests."""
-    import ipywidgets as W
-
-    if model is not None and pre is None:
-        raise ValueError("mask_viewer(model=...) needs pre= too: take both from load_checkpoint")
-    by_name = {v.patient: v for v in volumes}
-    cache, masks = dict(probs or {}), {}  # probabilities per patient, masks per threshold
-    has_pred = probs is not None or model is not None
-    c = {
-        "patient": W.Dropdown(options=list(by_name), description="patient"),
-        "slice": W.IntSlider(0, 0, 1, description="slice", readout=False),  # the label names it
-        "jump": W.Button(description="next tumour slice", icon="forward"),
-        "channel": W.Dropdown(
-            options=[(n, i) for i, n in enumerate(CHANNELS)] + [("all three", -1)],
-            value=FLAIR,
-            description="channel",
-        ),  # fmt: skip
-        "truth": W.Checkbox(True, description="truth (green)", indent=False),
-        "pred": W.Checkbox(
-            has_pred, description="prediction (red)", disabled=not has_pred, indent=False
-        ),
-        "opacity": W.FloatSlider(0.35, min=0.0, max=1.0, step=0.05, description="opacity"),
-        "threshold": W.FloatSlider(
-            threshold, min=0.05, max=0.95, step=0.05, description="threshold", disabled=not has_pred
-        ),  # fmt: skip
-        "label": W.Label(),
-        "image": W.Image(format="png", width=384, height=384),
-    }
-    for name, widget in c.items():
-        widget.add_class(f"viewer-{name}")
-
-    def probabilities(vol: Volume):
-        if vol.patient not in cache and model is not None:
-            cache[vol.patient] = predict_volume(model, vol, pre, tta=tta)
-        return cache.get(vol.patient)
-
-    def prediction(vol: Volume, threshold: float):
-        prob = probabilities(vol) if has_pred else None
-        if prob is not None and (vol.patient, threshold) not in masks:
-            masks[vol.patient, threshold] = postprocess(
-                prob >= threshold, min_size, keep_largest, prob
-            )
-        return masks.get((vol.patient, threshold))
-
-    def redraw(*_):
-        vol, z = by_name[c["patient"].value], c["slice"].value
-        pred = prediction(vol, c["threshold"].value)
-        show_pred = pred is not None and c["pred"].value
-        c["image"].value = render_slice(vol.image[z], vol.mask[z] if c["truth"].value else None,
-                                        pred[z] if show_pred else None,
-                                        None if c["channel"].value < 0 else c["channel"].value,
-                                        c["opacity"].value)  # fmt: skip
-        text = f"{vol.patient} slice {vol.slices[z]} ({z + 1}/{len(vol.slices)}), tumour px {int(vol.mask[z].sum())}"
-        if pred is not None:
-            text += (f" | Dice slice {dice_score(pred[z], vol.mask[z]):.3f}, patient "
-                     f"{dice_score(pred, vol.mask):.3f} @ threshold {c['threshold'].value:.2f}")  # fmt: skip
-        c["label"].value = text
-
-    def new_patient(*_):
-        vol = by_name[c["patient"].value]
-        c["slice"].unobserve(redraw, "value")  # one redraw below, not one per change
-        try:
-            c["slice"].max = len(vol.slices) - 1  # may clamp the old value
-            c["slice"].value = middle_tumour_slice(vol.mask)
-        finally:
-            c["slice"].observe(redraw, "value")
-        redraw()
-
-    def next_tumour(*_):
-        tumour = np.flatnonzero(by_name[c["patient"].value].mask.any((1, 2)))
-        later = tumour[tumour > c["slice"].value]
-        if len(tumour):
-            c["slice"].value = int(later[0] if len(later) else tumour[0])
-
-    c["patient"].observe(new_patient, "value")
-    c["jump"].on_click(next_tumour)
-    for name in ("slice", "channel", "truth", "pred", "opacity", "threshold"):
-        c[name].observe(redraw, "value")
-    new_patient()
-    controls = W.VBox([c["patient"], W.HBox([c["slice"], c["jump"]]), c["channel"],
-                       W.HBox([c["truth"], c["pred"]]), c["opacity"], c["threshold"]])  # fmt: skip
-    box = W.VBox([W.HBox([controls, c["image"]]), c["label"]])
-    box.controls = c
-    return box
-
-
 # ----------------------------- 6. Tools: show_source (seg_draw), command line (no lesson)
 
 # Using the model on a new scan (seg_predict.py) and cross-validation ensembles (seg_ensemble.py)
 # are su.<name> too, looked up on first use: `import seg_utils` stays light, with no import circle.
 _LAZY = dict.fromkeys(("predict", "export_onnx", "read_scan", "parse_channels", "needed_inputs",
                        "site_shift_scores", "site_shift_table", "SHIFTS"), "seg_predict")  # fmt: skip
+_LAZY["mask_viewer"] = "seg_viewer"  # notebook 05's widgets (ipywidgets loads on first use)
 _LAZY |= dict.fromkeys(("cross_validation_folds", "choose_settings", "predict_ensemble",
                         "load_ensemble", "models_to_score"), "seg_ensemble")  # fmt: skip
 
 
 def __getattr__(name: str):
-    """Module attribute fallback for the names of seg_predict and seg_ensemble (PEP 562)."""
+    """Module attribute fallback for the names of seg_predict, seg_ensemble, seg_viewer (PEP 562)."""
     if name in _LAZY:
         import importlib
 

@@ -168,7 +168,9 @@ def main() -> None:
     pool = splits["train"] + splits["val"]
     folds = su.cross_validation_folds([r.patient for r in pool], args.folds, args.cv_seed)
     plan = run_dir / "folds.json"  # the deal is fixed at the first run: every machine agrees
-    if plan.exists() and json.loads(plan.read_text()) != dict(folds=folds, recipe=recipe):
+    saved = json.loads(plan.read_text()) if plan.exists() else None
+    if saved and dict(saved, recipe={"ema": 0.0, **saved["recipe"]}) != dict(folds=folds, recipe=recipe):  # fmt: skip
+        # (a recipe written before --ema existed trained without a moving average)
         raise SystemExit(f"{plan} holds other folds or another recipe: use the same data and "
                          "flags as its first run, or a new --run-dir")  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -32,12 +32,13 @@ DEFAULTS = dict(  # this checkout's defaults: what `--recipe default` trains
     epochs=su.TrainConfig.epochs, batch_size=su.TrainConfig.batch_size, lr=su.TrainConfig.lr,
     seed=su.TrainConfig.seed, patience=su.TrainConfig.patience, channels="all",
     crop=su.TrainConfig.train_crop, uniform=su.TrainConfig.sampling_uniform, strip=0.0, site=0.0,
+    ema=su.TrainConfig.ema_decay,
 )  # fmt: skip
 RECIPES = {
     "default": {},
     # the default of the first real-data results (README): 128 px, width 16, depth 4, 40 epochs
     "old": dict(size=128, width=16, depth=4, epochs=40, batch_size=16, lr=3e-3, patience=40,
-                crop=1.0, uniform=0.1, strip=0.0, site=0.0),
+                crop=1.0, uniform=0.1, strip=0.0, site=0.0, ema=0.0),
 }  # fmt: skip
 TWINS = {"strip": sp.skull_strip, "site": sp.random_site_shift}  # recipe key -> twin's shift
 
@@ -73,6 +74,8 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         "skull-stripped (seg_predict.WithTwins; 0 = none)")  # fmt: skip
     parser.add_argument("--site", type=float, help="share of training volumes that also appear as "
                         "another site might deliver them (seg_predict.random_site_shift)")  # fmt: skip
+    parser.add_argument("--ema", type=float, help="decay of the moving average of the weights that "
+                        "is validated and saved (0 = none)")  # fmt: skip
 
 
 def recipe_from_args(args: argparse.Namespace) -> dict:
@@ -101,7 +104,8 @@ def train_run(train_records, val_records, run_dir, recipe: dict, resume=False, p
     ).to(su.pick_device())  # train() computes where the model is: a GPU when there is one
     config = su.TrainConfig(epochs=recipe["epochs"], batch_size=recipe["batch_size"],
                             lr=recipe["lr"], seed=recipe["seed"], patience=recipe["patience"],
-                            train_crop=recipe["crop"], sampling_uniform=recipe["uniform"])  # fmt: skip
+                            train_crop=recipe["crop"], sampling_uniform=recipe["uniform"],
+                            ema_decay=recipe["ema"])  # fmt: skip
     print(f"{su.count_parameters(model):,} parameters, {len(train_set)} training slices "
           f"({len(train_set.volumes)} volumes), {pre}, {config}", flush=True)  # fmt: skip
     return su.train(model, train_set, val_volumes, Path(run_dir), config, pre, resume=resume,

@@ -151,6 +151,16 @@ def test_cross_validation_refuses_another_recipe_in_the_same_folder(synthetic_se
     other = _run("cross_validate.py", "--run-dir", str(run_dir), "--folds", "2", *TINY,
                  "--lr", "0.01", data=data)  # fmt: skip
     assert other.returncode != 0 and "holds other folds or another recipe" in other.stderr
+    plan = run_dir / "folds.json"  # as written before --ema existed: no key, no moving average
+    saved = json.loads(plan.read_text())
+    del saved["recipe"]["ema"]
+    plan.write_text(json.dumps(saved))
+    same = _run("cross_validate.py", "--run-dir", str(run_dir), "--folds", "2", "--fold", "1",
+                *TINY, data=data)  # fmt: skip
+    assert same.returncode == 0 and "already done" in same.stdout, same.stderr[-2000:]
+    averaged = _run("cross_validate.py", "--run-dir", str(run_dir), "--folds", "2", "--fold", "1",
+                    *TINY, "--ema", "0.99", data=data)  # fmt: skip
+    assert averaged.returncode != 0 and "another recipe" in averaged.stderr
     bad = _run("cross_validate.py", "--run-dir", str(run_dir), "--folds", "2", "--fold", "3",
                *TINY, data=data)  # fmt: skip
     assert bad.returncode != 0 and "choose one of 1..2" in bad.stderr
@@ -161,6 +171,9 @@ def test_recipes_explicit_flags_win_over_the_named_recipe():
     train_lgg.add_recipe_arguments(parser)
     old = train_lgg.recipe_from_args(parser.parse_args(["--recipe", "old", "--epochs", "7"]))
     assert old["epochs"] == 7 and old["size"] == 128 and old["width"] == 16
+    assert old["ema"] == 0.0 and train_lgg.DEFAULTS["ema"] == su.TrainConfig.ema_decay
+    averaged = train_lgg.recipe_from_args(parser.parse_args(["--ema", "0.99"]))
+    assert averaged["ema"] == 0.99 and averaged["epochs"] == su.TrainConfig.epochs
     name, recipe = time_to_dice.parse_recipe("old:size=96,lr=0.001")
     assert (recipe["size"], recipe["lr"], recipe["epochs"]) == (96, 0.001, 40)
     with pytest.raises(SystemExit, match="not one of"):
@@ -195,6 +208,15 @@ def test_train_run_trains_where_pick_device_points(synthetic_set, monkeypatch, t
     monkeypatch.setattr(su, "train", lambda model, *a, **k: seen.append(model.head.weight.device))
     train_lgg.train_run(splits["train"], splits["val"], tmp_path, TINY_RECIPE, progress=False)
     assert seen == [torch.device("meta")]
+
+
+def test_train_run_passes_the_moving_average_on(synthetic_set, tmp_path):
+    """--ema 0.99: the run averages its weights; the checkpoint says so and keeps both."""
+    splits = su.split_by_patient(su.scan_dataset(synthetic_set(6)), seed=0)
+    train_lgg.train_run(splits["train"], splits["val"], tmp_path, dict(TINY_RECIPE, ema=0.99),
+                        progress=False)  # fmt: skip
+    state = su.read_checkpoint(tmp_path / "last.pt")
+    assert state["train_config"]["ema_decay"] == 0.99 and "live_state" in state
 
 
 @pytest.mark.parametrize("kind", ["strip", "site"])

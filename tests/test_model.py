@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import seg_hardware
 import seg_runs
 import seg_utils as su
 from seg_utils import CheckpointError
 
-CONFIG = su.TrainConfig(epochs=4, batch_size=8, precision="fp32")
+CONFIG = su.TrainConfig(epochs=4, batch_size=8, precision="fp32", ema_decay=0.99)  # averaged
 PRE = su.Preprocess(size=64)
 DICE_FLOOR = 0.6  # measured (1 thread): validation Dice 0.85, 0.90, 0.82, 0.89 over 4 epochs
 
@@ -252,9 +253,14 @@ def test_training_writes_run_files(run_a, data):
     model, pre, state = su.load_checkpoint(run_dir / "last.pt", torch.device("cpu"))
     assert not model.training and not any(m.training for m in model.modules())
     assert pre == PRE and state["epoch"] == CONFIG.epochs
+    # the checkpoint's model is the moving average, the one validated; live_state the trained one
+    assert su.validate(model, data[1], "fp32") == pytest.approx(history[-1]["val_dice"], abs=1e-6)
     trained = run_a["model"].eval()
+    live = su.UNet(**state["model_config"])
+    live.load_state_dict(state["live_state"])
     with torch.no_grad():
-        assert torch.allclose(model(x), trained(x), atol=1e-6)
+        assert torch.allclose(live.eval()(x), trained(x), atol=1e-6)
+        assert not torch.allclose(model(x), trained(x), atol=1e-3)  # an average, not a copy
 
     best_model, _, best_state = su.load_checkpoint(run_dir / "best.pt", torch.device("cpu"))
     assert not best_model.training
@@ -263,7 +269,41 @@ def test_training_writes_run_files(run_a, data):
     assert su.validate(best_model, data[1], "fp32") == pytest.approx(best_dice, abs=1e-6)
     if best_state["epoch"] == CONFIG.epochs:
         with torch.no_grad():
-            assert torch.allclose(best_model(x), trained(x), atol=1e-6)
+            assert torch.allclose(best_model(x), model(x), atol=1e-6)
+
+
+def test_moving_average_of_weights_known_answer():
+    """update_ema: average <- d * average + (1 - d) * model, BatchNorm statistics too, with the
+    warm-up d = min(decay, (1 + step) / (10 + step)); the count of batches is copied."""
+    average, model = (nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)) for _ in range(2))
+    for net, value in ((average, 1.0), (model, 3.0)):
+        for tensor in net.state_dict().values():
+            tensor.fill_(value)
+    model[1].num_batches_tracked.fill_(7)
+    su.update_ema(average, model, decay=0.5, step=1000)  # d = 0.5: the midpoint
+    assert torch.equal(average[0].weight, torch.full_like(average[0].weight, 2.0))
+    assert torch.equal(average[1].running_mean, torch.full((2,), 2.0))
+    assert int(average[1].num_batches_tracked) == 7
+    su.update_ema(average, model, decay=0.99, step=0)  # warm-up: d = 1/10, 2 -> 0.1*2 + 0.9*3
+    assert torch.allclose(average[0].weight, torch.full_like(average[0].weight, 2.9))
+    assert torch.equal(model[0].weight, torch.full_like(model[0].weight, 3.0))  # left alone
+
+
+@pytest.mark.parametrize("decay", [-0.1, 1.0, 1.5])
+def test_ema_decay_outside_0_1_refused(decay):
+    with pytest.raises(ValueError, match="ema_decay"):
+        su.TrainConfig(ema_decay=decay)
+
+
+def test_without_a_moving_average_the_checkpoint_holds_the_trained_weights(data, tmp_path):
+    config = dataclasses.replace(CONFIG, epochs=1, ema_decay=0.0)
+    model = new_model(0)
+    history = su.train(model, data[0], data[1], tmp_path, config, PRE, progress=False)
+    state = su.read_checkpoint(tmp_path / "last.pt")
+    assert "live_state" not in state
+    for key, value in model.state_dict().items():
+        assert torch.equal(state["model_state"][key], value), key
+    assert su.validate(model, data[1], "fp32") == pytest.approx(history[-1]["val_dice"], abs=1e-6)
 
 
 def test_checkpoint_records_patients_and_refuses_a_leaky_split(run_a, data, synthetic_set):
@@ -606,9 +646,10 @@ def test_random_crops_cut_the_same_window_of_image_and_mask():
 
 
 def test_resume_of_a_run_from_before_train_crop(data, tmp_path):
-    """Older checkpoints have no train_crop or sampling_uniform: they trained on whole images with
-    10 % uniform draws and resume as such."""
-    whole = dataclasses.replace(CONFIG, epochs=2, train_crop=1.0, sampling_uniform=0.1)
+    """Older checkpoints have no train_crop, sampling_uniform or ema_decay: they trained on whole
+    images with 10 % uniform draws and no moving average, and resume as such."""
+    whole = dataclasses.replace(CONFIG, epochs=2, train_crop=1.0, sampling_uniform=0.1,
+                                ema_decay=0.0)  # fmt: skip
 
     def interrupt(history):
         raise KeyboardInterrupt
@@ -616,10 +657,14 @@ def test_resume_of_a_run_from_before_train_crop(data, tmp_path):
     su.train(new_model(0), data[0], data[1], tmp_path, whole, PRE, on_epoch_end=interrupt,
              progress=False)  # fmt: skip
     state = torch.load(tmp_path / "last.pt", weights_only=True)
-    del state["train_config"]["train_crop"], state["train_config"]["sampling_uniform"]
+    for key in ("train_crop", "sampling_uniform", "ema_decay"):
+        del state["train_config"][key]
     torch.save(state, tmp_path / "last.pt")
     with pytest.raises(CheckpointError, match="train_crop"):  # default windows: another recipe
         su.train(new_model(0), data[0], data[1], tmp_path, dataclasses.replace(whole, train_crop=0.75),
+                 PRE, resume=True, progress=False)  # fmt: skip
+    with pytest.raises(CheckpointError, match="ema_decay"):  # an average: another recipe
+        su.train(new_model(0), data[0], data[1], tmp_path, dataclasses.replace(whole, ema_decay=0.99),
                  PRE, resume=True, progress=False)  # fmt: skip
     with pytest.raises(CheckpointError, match="sampling_uniform"):
         su.train(new_model(0), data[0], data[1], tmp_path,

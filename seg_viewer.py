@@ -1,0 +1,105 @@
+"""seg_viewer: the mask viewer of notebooks 01, 04 and 05 (also a Voila app), as `su.mask_viewer`.
+
+Widgets, not a lesson: the notebooks call it and say what it shows; the work it displays is
+seg_utils' own (predict_volume, postprocess, dice_score, seg_draw.render_slice), looked up through
+`su` at call time. Tests drive it from Python (tests/test_viewer.py) and in a browser
+(tests/test_browser.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import seg_utils as su
+
+
+def mask_viewer(volumes: list[su.Volume], probs: dict | None = None, model=None, pre=None,
+                threshold: float = 0.5, min_size: int = 0, keep_largest: bool = False,
+                tta: bool = False):  # fmt: skip
+    """ipywidgets viewer: patient, slice, channel, truth/prediction, opacity and threshold.
+    Predictions come from `probs` ({patient: (D, H, W)}) or from `model` + `pre` (with `tta`),
+    computed once per patient, then thresholded and post-processed (postprocess with
+    `min_size`, `keep_largest`). The returned VBox has `.controls` (its widgets) for tests."""
+    import ipywidgets as W
+
+    if model is not None and pre is None:
+        raise ValueError("mask_viewer(model=...) needs pre= too: take both from load_checkpoint")
+    by_name = {v.patient: v for v in volumes}
+    cache, masks = dict(probs or {}), {}  # probabilities per patient, masks per threshold
+    has_pred = probs is not None or model is not None
+    c = {
+        "patient": W.Dropdown(options=list(by_name), description="patient"),
+        "slice": W.IntSlider(0, 0, 1, description="slice", readout=False),  # the label names it
+        "jump": W.Button(description="next tumour slice", icon="forward"),
+        "channel": W.Dropdown(
+            options=[(n, i) for i, n in enumerate(su.CHANNELS)] + [("all three", -1)],
+            value=su.FLAIR,
+            description="channel",
+        ),  # fmt: skip
+        "truth": W.Checkbox(True, description="truth (green)", indent=False),
+        "pred": W.Checkbox(
+            has_pred, description="prediction (red)", disabled=not has_pred, indent=False
+        ),
+        "opacity": W.FloatSlider(0.35, min=0.0, max=1.0, step=0.05, description="opacity"),
+        "threshold": W.FloatSlider(
+            threshold, min=0.05, max=0.95, step=0.05, description="threshold", disabled=not has_pred
+        ),  # fmt: skip
+        "label": W.Label(),
+        "image": W.Image(format="png", width=384, height=384),
+    }
+    for name, widget in c.items():
+        widget.add_class(f"viewer-{name}")
+
+    def probabilities(vol: su.Volume):
+        if vol.patient not in cache and model is not None:
+            cache[vol.patient] = su.predict_volume(model, vol, pre, tta=tta)
+        return cache.get(vol.patient)
+
+    def prediction(vol: su.Volume, threshold: float):
+        prob = probabilities(vol) if has_pred else None
+        if prob is not None and (vol.patient, threshold) not in masks:
+            masks[vol.patient, threshold] = su.postprocess(
+                prob >= threshold, min_size, keep_largest, prob
+            )
+        return masks.get((vol.patient, threshold))
+
+    def redraw(*_):
+        vol, z = by_name[c["patient"].value], c["slice"].value
+        pred = prediction(vol, c["threshold"].value)
+        show_pred = pred is not None and c["pred"].value
+        c["image"].value = su.render_slice(vol.image[z], vol.mask[z] if c["truth"].value else None,
+                                        pred[z] if show_pred else None,
+                                        None if c["channel"].value < 0 else c["channel"].value,
+                                        c["opacity"].value)  # fmt: skip
+        text = f"{vol.patient} slice {vol.slices[z]} ({z + 1}/{len(vol.slices)}), tumour px {int(vol.mask[z].sum())}"
+        if pred is not None:
+            text += (f" | Dice slice {su.dice_score(pred[z], vol.mask[z]):.3f}, patient "
+                     f"{su.dice_score(pred, vol.mask):.3f} @ threshold {c['threshold'].value:.2f}")  # fmt: skip
+        c["label"].value = text
+
+    def new_patient(*_):
+        vol = by_name[c["patient"].value]
+        c["slice"].unobserve(redraw, "value")  # one redraw below, not one per change
+        try:
+            c["slice"].max = len(vol.slices) - 1  # may clamp the old value
+            c["slice"].value = su.middle_tumour_slice(vol.mask)
+        finally:
+            c["slice"].observe(redraw, "value")
+        redraw()
+
+    def next_tumour(*_):
+        tumour = np.flatnonzero(by_name[c["patient"].value].mask.any((1, 2)))
+        later = tumour[tumour > c["slice"].value]
+        if len(tumour):
+            c["slice"].value = int(later[0] if len(later) else tumour[0])
+
+    c["patient"].observe(new_patient, "value")
+    c["jump"].on_click(next_tumour)
+    for name in ("slice", "channel", "truth", "pred", "opacity", "threshold"):
+        c[name].observe(redraw, "value")
+    new_patient()
+    controls = W.VBox([c["patient"], W.HBox([c["slice"], c["jump"]]), c["channel"],
+                       W.HBox([c["truth"], c["pred"]]), c["opacity"], c["threshold"]])  # fmt: skip
+    box = W.VBox([W.HBox([controls, c["image"]]), c["label"]])
+    box.controls = c
+    return box
