@@ -17,7 +17,10 @@
    fold model's own test Dice (the spread a single run has).
 Everything lands in run-dir/cv_summary.json. A finished fold is skipped, a half-trained one
 resumed; `--fold K` trains fold K only (run folds side by side on several machines, copy the
-fold-k/ folders into one run-dir, then run without --fold to gather).
+fold-k/ folders into one run-dir, then run without --fold to gather). `--with DIR` (repeatable)
+gathers a bigger ensemble: DIR is another finished cross_validate.py folder of the same folds
+(another recipe, say); fold k's out-of-fold prediction is then the mean of the fold-k models of
+run-dir and every DIR, and all of them score the test patients (notebook 04 follows cv_summary.json).
 """
 
 from __future__ import annotations
@@ -69,19 +72,21 @@ def run_fold(k: int, folds: list, pool: list, run_dir: Path, recipe: dict) -> No
           f"{history[-1]['val_dice']:.3f}, {time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
 
 
-def out_of_fold(folds: list, pool: list, run_dir: Path) -> tuple[list, dict]:
-    """Every pool patient predicted by the fold model that never saw it: volumes and
+def out_of_fold(folds: list, pool: list, run_dirs: list) -> tuple[list, dict]:
+    """Every pool patient predicted by the fold model(s) that never saw it (the mean over
+    run_dirs, folders of the same folds): volumes and
     {tta: {patient: (D, H, W) float32 probabilities}} (float16 would halve the memory, ~1.7 GB on
     LGG, but NumPy computes on it about 3x slower, and the sweep reads each one ~60 times)."""
     volumes, probs = [], {False: {}, True: {}}
     for k, held_out in enumerate(folds):
-        model, pre, state = su.load_checkpoint(fold_dir(run_dir, k) / "last.pt")
+        members = su.load_ensemble([fold_dir(d, k) for d in run_dirs])
         records = [r for r in pool if r.patient in set(held_out)]
-        su.check_split(state, {"val": records, "test": []})  # it never trained on them
+        for _, _, state in members:
+            su.check_split(state, {"val": records, "test": []})  # it never trained on them
         vols = su.load_volumes(records, progress=False)
+        pairs = [(model, pre) for model, pre, _ in members]
         for tta in probs:
-            for v in vols:
-                probs[tta][v.patient] = su.predict_volume(model, v, pre, tta=tta)
+            probs[tta] |= su.predict_ensemble(pairs, vols, tta, progress=False)
         volumes += vols
         print(f"out-of-fold predictions: fold {k + 1}/{len(folds)} done", flush=True)
     return volumes, probs
@@ -94,9 +99,11 @@ def fold_seconds(run_dir: Path, k: int) -> float:
     )
 
 
-def gather(folds: list, pool: list, test: list, run_dir: Path, recipe: dict) -> dict:
-    """Choose settings out-of-fold, score the cross-validation, then the test patients once."""
-    volumes, oof = out_of_fold(folds, pool, run_dir)
+def gather(folds: list, pool: list, test: list, run_dir: Path, recipe: dict, others=()) -> dict:
+    """Choose settings out-of-fold, score the cross-validation, then the test patients once
+    (`others`: more folders of the same folds, their fold models joining run_dir's)."""
+    run_dirs = [run_dir, *others]
+    volumes, oof = out_of_fold(folds, pool, run_dirs)
     print(f"sweeping {len(THRESHOLDS)} thresholds x blob rules x TTA on them", flush=True)
     sweeps = {
         tta: su.sweep_postprocessing(oof[tta], volumes, THRESHOLDS, MIN_SIZES, LARGEST)
@@ -108,7 +115,8 @@ def gather(folds: list, pool: list, test: list, run_dir: Path, recipe: dict) -> 
     cv_patients, cv_slices = su.evaluate_patients(oof[chosen["tta"]], volumes, *settings)
     plain, _ = su.evaluate_patients(oof[False], volumes, 0.5)
     test_volumes = su.load_volumes(test, progress=False)
-    members, per_fold = su.load_ensemble([fold_dir(run_dir, k) for k in range(len(folds))]), []
+    members = su.load_ensemble([fold_dir(d, k) for d in run_dirs for k in range(len(folds))])
+    per_fold = []
     test_probs = []
     for model, pre, state in members:
         su.check_split(state, {"val": [], "test": test})  # no test patient trained or chose
@@ -120,6 +128,7 @@ def gather(folds: list, pool: list, test: list, run_dir: Path, recipe: dict) -> 
     test_patients, test_slices = su.evaluate_patients(ensemble, test_volumes, *settings)
     return dict(
         recipe=recipe, folds=folds, machine=machine_line(),
+        with_folders=[str(Path(d).resolve()) for d in others],
         fold_train_seconds=[fold_seconds(run_dir, k) for k in range(len(folds))],
         chosen_out_of_fold=chosen, cv=su.summarise(cv_patients, cv_slices),
         cv_plain_threshold_0_5_mean=float(plain.dice.mean()),
@@ -128,6 +137,27 @@ def gather(folds: list, pool: list, test: list, run_dir: Path, recipe: dict) -> 
         test_ensemble_patient_dice=dict(zip(test_patients.patient, test_patients.dice.round(4))),
         test_per_fold_model=per_fold,
     )  # fmt: skip
+
+
+def check_others(others: list, folds: list, run_dir: Path) -> None:
+    """Refuse a --with folder of other folds or with unfinished folds, and a gather whose summary
+    would replace that of another ensemble in run_dir."""
+    for other in others:
+        plan = other / "folds.json"
+        if not plan.exists() or json.loads(plan.read_text())["folds"] != folds:
+            raise SystemExit(f"--with {other}: not a cross_validate.py folder of the same folds "
+                             "(same data, --folds and --cv-seed)")  # fmt: skip
+        epochs = json.loads(plan.read_text())["recipe"]["epochs"]  # its own recipe's length
+        missing = [
+            k + 1 for k in range(len(folds)) if fold_status(fold_dir(other, k), epochs) != "done"
+        ]
+        if missing:
+            raise SystemExit(f"--with {other}: folds {missing} are not trained; train them there")
+    summary = run_dir / "cv_summary.json"
+    wanted = [str(Path(d).resolve()) for d in others]
+    if summary.exists() and json.loads(summary.read_text()).get("with_folders", []) != wanted:
+        raise SystemExit(f"{summary} gathers another ensemble (other --with folders): keep it, "
+                         "and gather this one in a new --run-dir (hard links of the folds will do)")  # fmt: skip
 
 
 def report(summary: dict) -> None:
@@ -156,10 +186,15 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--fold", type=int, help="train this fold only (1-based), then stop")
     parser.add_argument("--cv-seed", type=int, default=0, help="how patients are dealt into folds")
+    parser.add_argument("--with", dest="others", action="append", default=[], type=Path,
+                        help="another finished folder of the same folds: its fold models join "
+                        "the ensemble, out of fold and on test (repeatable)")  # fmt: skip
     add_recipe_arguments(parser)
     args = parser.parse_args()
     if args.fold is not None and not 1 <= args.fold <= args.folds:
         raise SystemExit(f"--fold {args.fold}: choose one of 1..{args.folds}")
+    if args.fold is not None and args.others:
+        raise SystemExit("--with joins finished folders when gathering: leave out --fold")
     recipe = recipe_from_args(args)
     recipe["patience"] = recipe["epochs"]  # the fold model is the last epoch: never stop early
     run_dir = Path(args.run_dir)
@@ -175,11 +210,12 @@ def main() -> None:
                          "flags as its first run, or a new --run-dir")  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)
     plan.write_text(json.dumps(dict(folds=folds, recipe=recipe), indent=1))
+    check_others(args.others, folds, run_dir)  # before any training: a wrong folder fails now
     for k in [args.fold - 1] if args.fold else range(args.folds):
         run_fold(k, folds, pool, run_dir, recipe)
     if args.fold:
         return
-    summary = gather(folds, pool, splits["test"], run_dir, recipe)
+    summary = gather(folds, pool, splits["test"], run_dir, recipe, args.others)
     (run_dir / "cv_summary.json").write_text(json.dumps(summary, indent=1))
     report(summary)
     print(f"wrote {run_dir / 'cv_summary.json'}")

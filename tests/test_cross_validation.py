@@ -97,6 +97,48 @@ def test_two_fold_cross_validation_end_to_end(synthetic_set, tmp_path):
     assert again.returncode == 0 and "fold 2/2: 4 held-out patients: already done" in again.stdout
 
 
+def test_cross_validation_with_a_second_folder_of_the_same_folds(synthetic_set, tmp_path):
+    """--with B: each fold's out-of-fold prediction is the mean of run-dir's and B's fold model
+    (known answer from the models themselves), all four models score test, notebook 04 loads all
+    four; other folds, --fold and a summary of another ensemble are refused."""
+    data, first, second, both = synthetic_set(10), tmp_path / "a", tmp_path / "b", tmp_path / "ab"
+    for where, extra in ((first, []), (second, ["--lr", "0.01"])):
+        done = _run("cross_validate.py", "--run-dir", str(where), "--folds", "2", *TINY, *extra,
+                    data=data)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+    both.mkdir()
+    for name in ("folds.json", "fold-1", "fold-2"):  # the folds of a, not its summary
+        (both / name).symlink_to(first / name)
+    done = _run("cross_validate.py", "--run-dir", str(both), "--folds", "2", *TINY, "--with",
+                str(second), data=data)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((both / "cv_summary.json").read_text())
+    assert summary["with_folders"] == [str(second.resolve())]
+    assert len(summary["test_per_fold_model"]) == 4
+    chosen = summary["chosen_out_of_fold"]
+    splits = su.split_by_patient(su.scan_dataset(data))
+    patient = summary["folds"][0][0]
+    volume = su.load_volumes([r for r in splits["train"] + splits["val"] if r.patient == patient],
+                             progress=False)  # fmt: skip
+    pairs = [su.load_checkpoint(d / "fold-1" / "last.pt")[:2] for d in (first, second)]
+    prob = su.predict_ensemble(pairs, volume, chosen["tta"], progress=False)
+    table, _ = su.evaluate_patients(prob, volume, chosen["threshold"], chosen["min_size"],
+                                    chosen["keep_largest"])  # fmt: skip
+    assert summary["cv_patient_dice"][patient] == pytest.approx(table.dice[0], abs=1e-4)
+    members, settings = su.models_to_score(both)
+    assert len(members) == 4 and settings == chosen
+    again = _run("cross_validate.py", "--run-dir", str(both), "--folds", "2", *TINY, data=data)
+    assert again.returncode != 0 and "gathers another ensemble" in again.stderr
+    other = _run("cross_validate.py", "--run-dir", str(tmp_path / "c"), "--folds", "2",
+                 "--cv-seed", "1", *TINY, "--with", str(second), data=data)  # fmt: skip
+    assert (
+        other.returncode != 0 and "not a cross_validate.py folder of the same folds" in other.stderr
+    )
+    one = _run("cross_validate.py", "--run-dir", str(both), "--folds", "2", "--fold", "1", *TINY,
+               "--with", str(second), data=data)  # fmt: skip
+    assert one.returncode != 0 and "leave out --fold" in one.stderr
+
+
 def _notebook_04(tmp_path, data, run_dir, ensemble=""):
     """Execute notebook 04 in quick mode as a user would; returns the finished process."""
     env = dict(os.environ, LGG_DATA=str(data), SEG_RUN_DIR=str(run_dir), SEG_ENSEMBLE=ensemble,
