@@ -73,7 +73,7 @@ def models_to_score(run_dir, others=()) -> tuple[list, dict | None]:
             f"{run_dir} is a cross-validation folder: score it alone (no SEG_ENSEMBLE)"
         )
     gathered = json.loads(summary.read_text())  # cross_validate.py: its folds and choices
-    folders = [run_dir, *map(Path, gathered.get("with_folders", []))]  # --with: more fold models
+    folders = [run_dir, *(run_dir / d for d in gathered.get("with_folders", []))]  # --with
     members = load_ensemble(
         [fold_dir(d, k) for d in folders for k in range(len(gathered["folds"]))], "last.pt"
     )

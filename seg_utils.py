@@ -528,8 +528,9 @@ def random_crops(x: torch.Tensor, y: torch.Tensor, side: int, generator: torch.G
 @torch.no_grad()
 def update_ema(average: nn.Module, model: nn.Module, decay: float, step: int) -> None:
     """average <- d * average + (1 - d) * model, weights and BatchNorm statistics alike, where
-    d = decay, or less in the first steps (`step` 0, 1, ...) so the random start fades fast."""
-    d = min(decay, (1 + step) / (10 + step))  # TensorFlow's warm-up: 0.1, 0.18, ... 0.99 at 890
+    d = decay, or less in the first steps (`step`: steps taken, 1, 2, ...) so the random start
+    fades fast."""
+    d = min(decay, (1 + step) / (10 + step))  # TensorFlow's warm-up: 0.18, 0.25, ... 0.99 at 890
     for avg, new in zip(average.state_dict().values(), model.state_dict().values()):
         if avg.is_floating_point():
             avg.lerp_(new, 1 - d)  # d 0.99: an average over about the last 100 steps
@@ -809,6 +810,11 @@ _LAZY = dict.fromkeys(("predict", "export_onnx", "read_scan", "parse_channels", 
 _LAZY["mask_viewer"] = "seg_viewer"  # notebook 05's widgets (ipywidgets loads on first use)
 _LAZY |= dict.fromkeys(("cross_validation_folds", "choose_settings", "predict_ensemble",
                         "load_ensemble", "models_to_score"), "seg_ensemble")  # fmt: skip
+
+
+def __dir__() -> list[str]:
+    """dir(su) and tab completion list the lazy names too."""
+    return sorted([*globals(), *_LAZY])
 
 
 def __getattr__(name: str):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def gather(folds: list, pool: list, test: list, run_dir: Path, recipe: dict, oth
     test_patients, test_slices = su.evaluate_patients(ensemble, test_volumes, *settings)
     return dict(
         recipe=recipe, folds=folds, machine=machine_line(),
-        with_folders=[str(Path(d).resolve()) for d in others],
+        with_folders=with_folders(others, run_dir),
         fold_train_seconds=[fold_seconds(run_dir, k) for k in range(len(folds))],
         chosen_out_of_fold=chosen, cv=su.summarise(cv_patients, cv_slices),
         cv_plain_threshold_0_5_mean=float(plain.dice.mean()),
@@ -139,25 +140,34 @@ def gather(folds: list, pool: list, test: list, run_dir: Path, recipe: dict, oth
     )  # fmt: skip
 
 
+def with_folders(others: list, run_dir: Path) -> list[str]:
+    """The --with folders as cv_summary.json records them: relative to run_dir, so the runs/
+    folder can move or be copied to another machine and notebook 04 still finds them."""
+    return [os.path.relpath(Path(d).resolve(), run_dir.resolve()) for d in others]
+
+
 def check_others(others: list, folds: list, run_dir: Path) -> None:
-    """Refuse a --with folder of other folds or with unfinished folds, and a gather whose summary
-    would replace that of another ensemble in run_dir."""
+    """Refuse a --with folder of other folds, with unfinished folds, run-dir itself or twice, and
+    a gather whose summary would replace that of another ensemble in run_dir."""
+    resolved = [Path(d).resolve() for d in [run_dir, *others]]
+    if len(set(resolved)) < len(resolved):
+        raise SystemExit("--with: each folder once, and not --run-dir itself (its models would "
+                         "count twice)")  # fmt: skip
     for other in others:
         plan = other / "folds.json"
         if not plan.exists() or json.loads(plan.read_text())["folds"] != folds:
             raise SystemExit(f"--with {other}: not a cross_validate.py folder of the same folds "
                              "(same data, --folds and --cv-seed)")  # fmt: skip
         epochs = json.loads(plan.read_text())["recipe"]["epochs"]  # its own recipe's length
-        missing = [
-            k + 1 for k in range(len(folds)) if fold_status(fold_dir(other, k), epochs) != "done"
-        ]
+        missing = [k + 1 for k in range(len(folds)) if fold_status(fold_dir(other, k), epochs) != "done"]  # fmt: skip
         if missing:
             raise SystemExit(f"--with {other}: folds {missing} are not trained; train them there")
     summary = run_dir / "cv_summary.json"
-    wanted = [str(Path(d).resolve()) for d in others]
+    wanted = with_folders(others, run_dir)
     if summary.exists() and json.loads(summary.read_text()).get("with_folders", []) != wanted:
         raise SystemExit(f"{summary} gathers another ensemble (other --with folders): keep it, "
-                         "and gather this one in a new --run-dir (hard links of the folds will do)")  # fmt: skip
+                         "and gather this one in a new --run-dir (a copy of folds.json and hard "
+                         "links of the fold folders will do)")  # fmt: skip
 
 
 def report(summary: dict) -> None:
@@ -209,8 +219,13 @@ def main() -> None:
         raise SystemExit(f"{plan} holds other folds or another recipe: use the same data and "
                          "flags as its first run, or a new --run-dir")  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)
-    plan.write_text(json.dumps(dict(folds=folds, recipe=recipe), indent=1))
-    check_others(args.others, folds, run_dir)  # before any training: a wrong folder fails now
+    tmp = plan.with_suffix(
+        ".json.tmp"
+    )  # a new file: a hard-linked folds.json is not written through
+    tmp.write_text(json.dumps(dict(folds=folds, recipe=recipe), indent=1))
+    os.replace(tmp, plan)
+    if not args.fold:  # gathering: a wrong --with folder fails now, before any training
+        check_others(args.others, folds, run_dir)
     for k in [args.fold - 1] if args.fold else range(args.folds):
         run_fold(k, folds, pool, run_dir, recipe)
     if args.fold:

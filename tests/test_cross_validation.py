@@ -113,18 +113,21 @@ def test_cross_validation_with_a_second_folder_of_the_same_folds(synthetic_set, 
                 str(second), data=data)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((both / "cv_summary.json").read_text())
-    assert summary["with_folders"] == [str(second.resolve())]
     assert len(summary["test_per_fold_model"]) == 4
     chosen = summary["chosen_out_of_fold"]
     splits = su.split_by_patient(su.scan_dataset(data))
-    patient = summary["folds"][0][0]
-    volume = su.load_volumes([r for r in splits["train"] + splits["val"] if r.patient == patient],
-                             progress=False)  # fmt: skip
+    held_out = set(summary["folds"][0])
+    volumes = su.load_volumes([r for r in splits["train"] + splits["val"] if r.patient in held_out],
+                              progress=False)  # fmt: skip
     pairs = [su.load_checkpoint(d / "fold-1" / "last.pt")[:2] for d in (first, second)]
-    prob = su.predict_ensemble(pairs, volume, chosen["tta"], progress=False)
-    table, _ = su.evaluate_patients(prob, volume, chosen["threshold"], chosen["min_size"],
+    alone = [su.predict_ensemble([pair], volumes, chosen["tta"], progress=False) for pair in pairs]
+    assert not np.allclose(alone[0][volumes[0].patient], alone[1][volumes[0].patient])  # 2 models
+    prob = su.predict_ensemble(pairs, volumes, chosen["tta"], progress=False)
+    table, _ = su.evaluate_patients(prob, volumes, chosen["threshold"], chosen["min_size"],
                                     chosen["keep_largest"])  # fmt: skip
-    assert summary["cv_patient_dice"][patient] == pytest.approx(table.dice[0], abs=1e-4)
+    for patient, dice in zip(table.patient, table.dice):  # fold 1's patients: their mean's Dice
+        assert summary["cv_patient_dice"][patient] == pytest.approx(dice, abs=1e-4), patient
+    assert summary["with_folders"] == ["../b"]  # relative: runs/ can move as a whole
     members, settings = su.models_to_score(both)
     assert len(members) == 4 and settings == chosen
     again = _run("cross_validate.py", "--run-dir", str(both), "--folds", "2", *TINY, data=data)
@@ -134,6 +137,9 @@ def test_cross_validation_with_a_second_folder_of_the_same_folds(synthetic_set, 
     assert (
         other.returncode != 0 and "not a cross_validate.py folder of the same folds" in other.stderr
     )
+    twice = _run("cross_validate.py", "--run-dir", str(tmp_path / "d"), "--folds", "2", *TINY,
+                 "--with", str(second), "--with", str(second), data=data)  # fmt: skip
+    assert twice.returncode != 0 and "each folder once" in twice.stderr
     one = _run("cross_validate.py", "--run-dir", str(both), "--folds", "2", "--fold", "1", *TINY,
                "--with", str(second), data=data)  # fmt: skip
     assert one.returncode != 0 and "leave out --fold" in one.stderr

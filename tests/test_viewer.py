@@ -265,3 +265,12 @@ def test_model_predictions_once_per_patient(volumes, monkeypatch, record_propert
     record_property("slice_update_median_s", round(median, 4))
     record_property("slice_update_max_s", round(worst, 4))
     print(f"\nslice update: median {median * 1000:.1f} ms, max {worst * 1000:.1f} ms")
+
+
+def test_the_viewer_is_su_mask_viewer_and_listed_by_dir():
+    """It lives in seg_viewer.py, looked up through seg_utils on first use; dir(su) lists it (and
+    the other lazy names), so tab completion in a notebook finds it."""
+    import seg_viewer
+
+    assert su.mask_viewer is seg_viewer.mask_viewer
+    assert {"mask_viewer", "predict", "choose_settings", "train"} <= set(dir(su))
