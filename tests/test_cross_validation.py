@@ -171,6 +171,7 @@ def test_notebook_04_scores_a_cross_validation_folder_as_cross_validate_did(
     assert record["test"]["patient Dice mean"] == pytest.approx(
         summary["test_ensemble"]["patient Dice mean"], abs=1e-6
     )
+    assert record["members"] == 2  # the two fold models
     with pytest.raises(ValueError, match="cross-validation folder"):
         su.models_to_score(run_dir, [run_dir / "fold-1"])
 
