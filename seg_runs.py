@@ -58,6 +58,14 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             os.remove(tmp)
 
 
+def write_json(path: Path, value) -> None:
+    """Write JSON atomically (path.tmp, then os.replace): a reader never sees half a file, and a
+    hard link to the earlier file keeps its old content instead of being written through."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint dict (weights_only) or raise CheckpointError saying why and what to do."""
     path = Path(path)
@@ -186,9 +194,7 @@ def save_run(run_dir, model, optimizer, scheduler, config, pre, history, precisi
     if history[-1]["val_dice"] >= max(h["val_dice"] for h in history):
         save_checkpoint(state, run_dir / "best.pt")
     save_checkpoint(state, run_dir / "last.pt")
-    tmp = run_dir / "history.json.tmp"
-    tmp.write_text(json.dumps(history, indent=1))
-    os.replace(tmp, run_dir / "history.json")
+    write_json(run_dir / "history.json", history)
 
 
 def on_disk_after_interrupt(run_dir: Path) -> str:

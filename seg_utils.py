@@ -803,11 +803,12 @@ def sweep_postprocessing(probs: dict, volumes: list[Volume], thresholds=(0.3, 0.
 
 # ----------------------------- 6. Tools: show_source (seg_draw), command line (no lesson)
 
-# Using the model on a new scan (seg_predict.py) and cross-validation ensembles (seg_ensemble.py)
-# are su.<name> too, looked up on first use: `import seg_utils` stays light, with no import circle.
+# Using the model on a new scan (seg_predict.py), cross-validation ensembles (seg_ensemble.py) and
+# the mask viewer (seg_viewer.py) are su.<name> too, looked up on first use: `import seg_utils`
+# stays light, with no import circle.
 _LAZY = dict.fromkeys(("predict", "export_onnx", "read_scan", "parse_channels", "needed_inputs",
                        "site_shift_scores", "site_shift_table", "SHIFTS"), "seg_predict")  # fmt: skip
-_LAZY["mask_viewer"] = "seg_viewer"  # notebook 05's widgets (ipywidgets loads on first use)
+_LAZY["mask_viewer"] = "seg_viewer"
 _LAZY |= dict.fromkeys(("cross_validation_folds", "choose_settings", "predict_ensemble",
                         "load_ensemble", "models_to_score"), "seg_ensemble")  # fmt: skip
 

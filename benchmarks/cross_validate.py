@@ -36,6 +36,7 @@ from train_lgg import add_recipe_arguments, machine_line, recipe_from_args, trai
 
 import seg_utils as su
 from seg_ensemble import fold_dir
+from seg_runs import write_json
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)  # probability cut-offs tried on the out-of-fold predictions
 MIN_SIZES = (
@@ -47,6 +48,7 @@ MIN_SIZES = (
 # keep every blob, the one with the most voxels, or the one with the largest probability mass
 # (a big faint false blob at the skull base loses to a smaller confident tumour)
 LARGEST = (False, True, "mass")
+BEFORE = {"ema": 0.0}  # recipe keys newer than some folds.json files: what those folds trained with
 
 
 def fold_status(where: Path, epochs: int) -> str:
@@ -155,10 +157,11 @@ def check_others(others: list, folds: list, run_dir: Path) -> None:
                          "count twice)")  # fmt: skip
     for other in others:
         plan = other / "folds.json"
-        if not plan.exists() or json.loads(plan.read_text())["folds"] != folds:
+        theirs = json.loads(plan.read_text()) if plan.exists() else {}
+        if theirs.get("folds") != folds:
             raise SystemExit(f"--with {other}: not a cross_validate.py folder of the same folds "
                              "(same data, --folds and --cv-seed)")  # fmt: skip
-        epochs = json.loads(plan.read_text())["recipe"]["epochs"]  # its own recipe's length
+        epochs = theirs["recipe"]["epochs"]  # its own recipe's length
         missing = [k + 1 for k in range(len(folds)) if fold_status(fold_dir(other, k), epochs) != "done"]  # fmt: skip
         if missing:
             raise SystemExit(f"--with {other}: folds {missing} are not trained; train them there")
@@ -214,16 +217,11 @@ def main() -> None:
     folds = su.cross_validation_folds([r.patient for r in pool], args.folds, args.cv_seed)
     plan = run_dir / "folds.json"  # the deal is fixed at the first run: every machine agrees
     saved = json.loads(plan.read_text()) if plan.exists() else None
-    if saved and dict(saved, recipe={"ema": 0.0, **saved["recipe"]}) != dict(folds=folds, recipe=recipe):  # fmt: skip
-        # (a recipe written before --ema existed trained without a moving average)
+    if saved and dict(saved, recipe={**BEFORE, **saved["recipe"]}) != dict(folds=folds, recipe=recipe):  # fmt: skip
         raise SystemExit(f"{plan} holds other folds or another recipe: use the same data and "
                          "flags as its first run, or a new --run-dir")  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = plan.with_suffix(
-        ".json.tmp"
-    )  # a new file: a hard-linked folds.json is not written through
-    tmp.write_text(json.dumps(dict(folds=folds, recipe=recipe), indent=1))
-    os.replace(tmp, plan)
+    write_json(plan, dict(folds=folds, recipe=recipe))  # atomic: a hard link is not written through
     if not args.fold:  # gathering: a wrong --with folder fails now, before any training
         check_others(args.others, folds, run_dir)
     for k in [args.fold - 1] if args.fold else range(args.folds):
@@ -231,7 +229,7 @@ def main() -> None:
     if args.fold:
         return
     summary = gather(folds, pool, splits["test"], run_dir, recipe, args.others)
-    (run_dir / "cv_summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(run_dir / "cv_summary.json", summary)
     report(summary)
     print(f"wrote {run_dir / 'cv_summary.json'}")
 

@@ -41,6 +41,11 @@ def data(synthetic_set):
     return train_set, val
 
 
+def stop_after_one_epoch(history):
+    """on_epoch_end for train(): Ctrl-C after the first epoch's checkpoint is written."""
+    raise KeyboardInterrupt
+
+
 def new_model(seed: int) -> su.UNet:
     su.seed_everything(seed)
     return su.UNet(base_width=8, depth=3)
@@ -350,11 +355,8 @@ def test_resume_without_a_moving_average_equals_uninterrupted_run(data, tmp_path
     config = dataclasses.replace(CONFIG, epochs=2, ema_decay=0.0)
     straight = su.train(new_model(0), data[0], data[1], tmp_path / "a", config, PRE, progress=False)
 
-    def interrupt(history):
-        raise KeyboardInterrupt
-
-    su.train(new_model(0), data[0], data[1], tmp_path / "b", config, PRE, on_epoch_end=interrupt,
-             progress=False)  # fmt: skip
+    su.train(new_model(0), data[0], data[1], tmp_path / "b", config, PRE,
+             on_epoch_end=stop_after_one_epoch, progress=False)  # fmt: skip
     resumed = su.train(new_model(123), data[0], data[1], tmp_path / "b", config, PRE, resume=True,
                        progress=False)  # fmt: skip
     assert without_time(resumed) == without_time(straight)
@@ -451,11 +453,8 @@ def test_numpy_numbers_in_the_config(data, tmp_path):
     config = su.TrainConfig(epochs=2, batch_size=8, precision="fp32", lr=np.float64(3e-3),
                             dice_weight=np.float32(1.0))  # fmt: skip
 
-    def interrupt(history):
-        raise KeyboardInterrupt
-
-    su.train(new_model(0), data[0], data[1], tmp_path, config, PRE, on_epoch_end=interrupt,
-             progress=False)  # fmt: skip
+    su.train(new_model(0), data[0], data[1], tmp_path, config, PRE,
+             on_epoch_end=stop_after_one_epoch, progress=False)  # fmt: skip
     model, pre, state = su.load_checkpoint(tmp_path / "best.pt", torch.device("cpu"))
     assert type(state["train_config"]["lr"]) is float and state["train_config"]["lr"] == 3e-3
     assert pre == PRE and state["epoch"] == 1
@@ -666,11 +665,8 @@ def test_resume_of_a_run_from_before_train_crop(data, tmp_path):
     whole = dataclasses.replace(CONFIG, epochs=2, train_crop=1.0, sampling_uniform=0.1,
                                 ema_decay=0.0)  # fmt: skip
 
-    def interrupt(history):
-        raise KeyboardInterrupt
-
-    su.train(new_model(0), data[0], data[1], tmp_path, whole, PRE, on_epoch_end=interrupt,
-             progress=False)  # fmt: skip
+    su.train(new_model(0), data[0], data[1], tmp_path, whole, PRE,
+             on_epoch_end=stop_after_one_epoch, progress=False)  # fmt: skip
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     for key in ("train_crop", "sampling_uniform", "ema_decay"):
         del state["train_config"][key]
