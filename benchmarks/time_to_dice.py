@@ -3,6 +3,7 @@ other on this machine, so that their ratio is measured side by side.
 
     LGG_DATA=/path/to/kaggle_3m python benchmarks/time_to_dice.py --run-dir runs/ttd old default
     LGG_DATA=... python benchmarks/time_to_dice.py old default:size=96,epochs=20 --figure img/time_to_dice.png
+    LGG_DATA=... python benchmarks/time_to_dice.py old default --target 0.7805   # stop at 0.7805
 
 Each positional argument is a recipe of train_lgg.py (`old`, `default`), optionally with changes
 (`default:size=96,epochs=20`). Each recipe trains on the split's training patients into
@@ -10,9 +11,12 @@ run-dir/<recipe>/ (a run there is resumed, or reused when finished, and the epoc
 call trained are counted in the output: their seconds come from that call, so resume only on the
 same machine under the same load), with train()'s validation Dice after every epoch (training size, threshold 0.5,
 the model-selection score). The seconds of an epoch include its validation, as a user waits for it.
-Printed: each recipe's curve, the first recipe's best validation Dice as the target, the time
-every recipe took to reach it and the speed-up over the first recipe, and this machine's measured
-peak (the best of five 3x3 convolutions, 16 x 64 x 128 x 128), since machines of one name differ.
+--target gives the Dice to reach instead (the old recipe's best, 0.7805, came at epoch 13 of
+40): each recipe then stops, resumable, at the first epoch that reaches it, since later epochs
+cannot change its time to it. Printed: each recipe's curve, the first recipe's best validation
+Dice as the target (or --target), the time every recipe took to reach it and the speed-up over
+the first recipe, and this machine's measured peak (the best of five 3x3 convolutions,
+16 x 64 x 128 x 128), since machines of one name differ.
 """
 
 from __future__ import annotations
@@ -70,16 +74,33 @@ def seconds_to_reach(points: list[tuple[float, float]], target: float) -> float 
     return next((s for s, d in points if d >= target), None)
 
 
-def run_recipe(name: str, recipe: dict, splits: dict, run_dir: Path) -> tuple[list, int]:
+def stop_at(target: float):
+    """An on_epoch_end hook that ends training (resumable) once validation Dice reaches target."""
+
+    def stop(history: list[dict]) -> None:
+        if history[-1]["val_dice"] >= target:
+            raise KeyboardInterrupt  # train() saves the run and returns its history
+
+    return stop
+
+
+def run_recipe(name: str, recipe: dict, splits: dict, run_dir: Path,
+               target: float | None = None) -> tuple[list, int]:  # fmt: skip
     """The recipe's history (trained now, resumed, or a finished run reused) and how many of its
-    epochs an earlier call trained: their seconds come from that call. A run folder holding
-    another recipe is refused (train()'s resume check)."""
+    epochs an earlier call trained: their seconds come from that call. With a target, training
+    stops once it is reached (and an earlier call's run that reached it is reused as it is). A
+    run folder holding another recipe is refused (train()'s resume check)."""
     where = run_dir / name.replace(":", "_").replace(",", "_").replace("=", "-")
     history_file = where / "history.json"
-    done = len(json.loads(history_file.read_text())) if (where / "last.pt").exists() else 0
-    history = train_run(splits["train"], splits["val"], where, recipe, resume=done > 0,
-                        progress=False)  # fmt: skip
-    return history, done
+    earlier = json.loads(history_file.read_text()) if (where / "last.pt").exists() else []
+    if target is not None and seconds_to_reach(curve(earlier), target) is not None:
+        return earlier, len(earlier)
+    stop = None if target is None else stop_at(target)
+    history = train_run(splits["train"], splits["val"], where, recipe, resume=bool(earlier),
+                        progress=False, on_epoch_end=stop)  # fmt: skip
+    if stop and len(history) < recipe["epochs"] and history[-1]["val_dice"] >= target:
+        print(f"{name}: reached {target} at epoch {len(history)}, stopped there (resumable)")
+    return history, len(earlier)
 
 
 def plot(curves: dict, target: float, path: str) -> None:
@@ -102,6 +123,8 @@ def main() -> None:
     parser.add_argument("recipes", nargs="+", help="recipes, the first is the reference")
     parser.add_argument("--run-dir", default="runs/time_to_dice")
     parser.add_argument("--figure", help="also save the curves as this PNG")
+    parser.add_argument("--target", type=float, help="validation Dice to reach (default: the "
+                        "first recipe's best); each recipe stops once it reaches it")  # fmt: skip
     args = parser.parse_args()
     recipes = dict(map(parse_recipe, args.recipes))
     print(machine_line())
@@ -110,18 +133,20 @@ def main() -> None:
     splits = su.split_by_patient(su.scan_dataset(su.resolve_data_dir()))
     curves = {}
     for name, recipe in recipes.items():
-        history, earlier = run_recipe(name, recipe, splits, Path(args.run_dir))
+        history, earlier = run_recipe(name, recipe, splits, Path(args.run_dir), args.target)
         curves[name] = curve(history)
         print(f"{name} ({earlier} of {len(history)} epochs from an earlier call): " + ", ".join(
             f"{s:.0f}s {d:.3f}" for s, d in curves[name]), flush=True)  # fmt: skip
     reference = next(iter(curves))
-    target = max(d for _, d in curves[reference])
+    target = args.target if args.target is not None else max(d for _, d in curves[reference])
     base = seconds_to_reach(curves[reference], target)
-    print(f"\ntarget: {reference}'s best validation Dice {target:.4f}")
+    given = "given" if args.target is not None else f"{reference}'s best validation Dice"
+    print(f"\ntarget: {given} {target:.4f}")
     for name, points in curves.items():
         reached = seconds_to_reach(points, target)
         best = max(d for _, d in points)
-        when = f"{reached:.0f} s, {base / reached:.2f}x faster" if reached else "never"
+        faster = f", {base / reached:.2f}x faster" if base else ""  # base None: reference never did
+        when = f"{reached:.0f} s{faster}" if reached else "never"
         print(f"{name}: best {best:.4f} after {points[-1][0]:.0f} s in all; target reached: {when}")
     if args.figure:
         plot(curves, target, args.figure)

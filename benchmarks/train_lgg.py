@@ -84,7 +84,8 @@ def recipe_from_args(args: argparse.Namespace) -> dict:
     return {**DEFAULTS, **RECIPES[args.recipe], **given}
 
 
-def train_run(train_records, val_records, run_dir, recipe: dict, resume=False, progress=True):
+def train_run(train_records, val_records, run_dir, recipe: dict, resume=False, progress=True,
+              on_epoch_end=None):  # fmt: skip
     """Prepare the data, build the U-Net and train it with `recipe`; returns the history."""
     pre = su.Preprocess(size=recipe["size"], channels=su.parse_channels(recipe["channels"]))
     twins = [(k, shift) for k, shift in TWINS.items() if recipe[k] > 0]
@@ -109,7 +110,7 @@ def train_run(train_records, val_records, run_dir, recipe: dict, resume=False, p
     print(f"{su.count_parameters(model):,} parameters, {len(train_set)} training slices "
           f"({len(train_set.volumes)} volumes), {pre}, {config}", flush=True)  # fmt: skip
     return su.train(model, train_set, val_volumes, Path(run_dir), config, pre, resume=resume,
-                    progress=progress)  # fmt: skip
+                    on_epoch_end=on_epoch_end, progress=progress)  # fmt: skip
 
 
 def main() -> None:

@@ -248,6 +248,19 @@ def test_time_to_dice_reuses_a_finished_run_and_refuses_another_recipe(synthetic
         time_to_dice.run_recipe("tiny", dict(TINY_RECIPE, lr=0.01), splits, tmp_path)
 
 
+def test_time_to_dice_stops_a_recipe_at_a_given_target_and_reuses_it(synthetic_set, tmp_path):
+    """--target: training stops at the first epoch that reaches it (resumable), and a second call
+    reuses that run instead of training on; a target never reached trains the whole schedule."""
+    splits = su.split_by_patient(su.scan_dataset(synthetic_set(6)), seed=0)
+    three = dict(TINY_RECIPE, epochs=3)
+    stopped, earlier = time_to_dice.run_recipe("tiny", three, splits, tmp_path, target=0.0)
+    assert earlier == 0 and len(stopped) == 1  # any Dice >= 0: stopped after epoch 1 of 3
+    again, earlier = time_to_dice.run_recipe("tiny", three, splits, tmp_path, target=0.0)
+    assert earlier == 1 and again == stopped  # reached already: nothing trained
+    whole, earlier = time_to_dice.run_recipe("tiny", three, splits, tmp_path, target=1.01)
+    assert earlier == 1 and len(whole) == 3 and whole[0] == stopped[0]  # resumed to the end
+
+
 def test_train_run_trains_where_pick_device_points(synthetic_set, monkeypatch, tmp_path):
     """train() computes where the model is, so train_run must put it on the GPU when there is one
     (it once left it on the CPU beside an idle GPU)."""
