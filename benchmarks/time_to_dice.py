@@ -3,7 +3,7 @@ other on this machine, so that their ratio is measured side by side.
 
     LGG_DATA=/path/to/kaggle_3m python benchmarks/time_to_dice.py --run-dir runs/ttd old default
     LGG_DATA=... python benchmarks/time_to_dice.py old default:size=96,epochs=20 --figure img/time_to_dice.png
-    LGG_DATA=... python benchmarks/time_to_dice.py old default --target 0.7805   # stop at 0.7805
+    LGG_DATA=... python benchmarks/time_to_dice.py old default --target 0.78045  # old: epoch 13
 
 Each positional argument is a recipe of train_lgg.py (`old`, `default`), optionally with changes
 (`default:size=96,epochs=20`). Each recipe trains on the split's training patients into
@@ -11,7 +11,7 @@ run-dir/<recipe>/ (a run there is resumed, or reused when finished, and the epoc
 call trained are counted in the output: their seconds come from that call, so resume only on the
 same machine under the same load), with train()'s validation Dice after every epoch (training size, threshold 0.5,
 the model-selection score). The seconds of an epoch include its validation, as a user waits for it.
---target gives the Dice to reach instead (the old recipe's best, 0.7805, came at epoch 13 of
+--target gives the Dice to reach instead (the old recipe's best, 0.78045, came at epoch 13 of
 40): each recipe then stops, resumable, at the first epoch that reaches it, since later epochs
 cannot change its time to it. Printed: each recipe's curve, the first recipe's best validation
 Dice as the target (or --target), the time every recipe took to reach it and the speed-up over
