@@ -589,7 +589,8 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
           config: TrainConfig | None = None, pre: Preprocess | None = None, resume=False,
           on_epoch_end=None, progress=True) -> list[dict]:  # fmt: skip
     """Train with Adam + one-cycle; keep best.pt (validation Dice) and last.pt (resume). With
-    config.ema_decay the moving average of the weights is what is validated and saved."""
+    config.ema_decay the moving average of the weights is what is validated and saved;
+    on_epoch_end(history) is called after each saved epoch, and a True answer stops training."""
     config, pre, run_dir = config or TrainConfig(), pre or Preprocess(), Path(run_dir)
     if not val_volumes:
         raise ValueError("train() needs at least one validation volume to choose the best epoch")
@@ -623,8 +624,8 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
             epochs.set_postfix(loss=f"{loss:.3f}", val_dice=f"{val_dice:.3f}")
             save_run(run_dir, model, optimizer, scheduler, config, pre, history, precision, data,
                      average)  # fmt: skip
-            if on_epoch_end is not None:
-                on_epoch_end(history)
+            if on_epoch_end is not None and on_epoch_end(history):
+                break  # the caller's rule said stop (e.g. a Dice reached): last.pt resumes the rest
             best = max(range(len(history)), key=lambda i: history[i]["val_dice"])
             if len(history) - 1 - best >= config.patience:
                 print(f"early stop: no better validation Dice since epoch {best + 1}")
