@@ -93,9 +93,13 @@ def resolve_data_dir(env_value: str | None = None, data_root: str | Path | None 
     synthetic = data_root / "synthetic"
     if not (synthetic / "kaggle_3m").is_dir():
         print(f"No real data found: generating the synthetic set in {synthetic}")
-        make_synthetic_dataset(
-            synthetic, n_patients=int(os.environ.get("SEG_SYNTH_PATIENTS", "20"))
-        )
+        try:
+            make_synthetic_dataset(
+                synthetic, n_patients=int(os.environ.get("SEG_SYNTH_PATIENTS", "20"))
+            )
+        except (DataError, OSError):  # processes started side by side (cross_validate --fold):
+            if not (synthetic / "kaggle_3m").is_dir():  # the first to finish wrote the set
+                raise
     return synthetic / "kaggle_3m"
 
 

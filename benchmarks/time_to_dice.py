@@ -74,6 +74,16 @@ def seconds_to_reach(points: list[tuple[float, float]], target: float) -> float 
     return next((s for s, d in points if d >= target), None)
 
 
+def summary_line(name: str, points: list, target: float, base: float | None) -> str:
+    """One recipe's best Dice, total seconds and time to target, with its speed-up over the
+    reference's `base` seconds (none where either never reached the target)."""
+    reached = seconds_to_reach(points, target)
+    best = max(d for _, d in points)
+    faster = f", {base / reached:.2f}x faster" if base and reached else ""
+    when = f"{reached:.0f} s{faster}" if reached else "never"
+    return f"{name}: best {best:.4f} after {points[-1][0]:.0f} s in all; target reached: {when}"
+
+
 def stop_at(target: float):
     """An on_epoch_end hook for train(): stop (resumable) once validation Dice reaches target."""
     return lambda history: history[-1]["val_dice"] >= target
@@ -138,11 +148,7 @@ def main() -> None:
     given = "given" if args.target is not None else f"{reference}'s best validation Dice"
     print(f"\ntarget: {given} {target:.4f}")
     for name, points in curves.items():
-        reached = seconds_to_reach(points, target)
-        best = max(d for _, d in points)
-        faster = f", {base / reached:.2f}x faster" if base else ""  # base None: reference never did
-        when = f"{reached:.0f} s{faster}" if reached else "never"
-        print(f"{name}: best {best:.4f} after {points[-1][0]:.0f} s in all; target reached: {when}")
+        print(summary_line(name, points, target, base))
     if args.figure:
         plot(curves, target, args.figure)
         print(f"wrote {args.figure}")

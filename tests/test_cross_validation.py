@@ -238,6 +238,15 @@ def test_time_to_reach_a_dice_known_answer():
     assert time_to_dice.seconds_to_reach(points, 0.71) is None
 
 
+def test_time_to_dice_summary_says_never_for_a_recipe_that_missed_the_target():
+    points = [(10.0, 0.5), (20.0, 0.7), (30.0, 0.8)]
+    assert time_to_dice.summary_line("new", points, 0.7, base=60.0) == (
+        "new: best 0.8000 after 30 s in all; target reached: 20 s, 3.00x faster"
+    )
+    assert time_to_dice.summary_line("new", points, 0.9, base=60.0).endswith("reached: never")
+    assert time_to_dice.summary_line("new", points, 0.7, base=None).endswith("reached: 20 s")
+
+
 def test_time_to_dice_reuses_a_finished_run_and_refuses_another_recipe(synthetic_set, tmp_path):
     splits = su.split_by_patient(su.scan_dataset(synthetic_set(6)), seed=0)
     first, earlier = time_to_dice.run_recipe("tiny", TINY_RECIPE, splits, tmp_path)

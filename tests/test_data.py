@@ -564,6 +564,23 @@ def test_resolve_data_dir_bad_env_value():
         su.resolve_data_dir(env_value="/nonexistent")
 
 
+def test_resolve_data_dir_uses_the_set_a_process_beside_it_made_first(tmp_path, monkeypatch):
+    def made_meanwhile(root, n_patients):  # another process renamed its set into place first
+        (root / "kaggle_3m").mkdir(parents=True)
+        raise OSError(39, "Directory not empty")
+
+    monkeypatch.setattr(su, "make_synthetic_dataset", made_meanwhile)
+    found = su.resolve_data_dir(env_value="", data_root=tmp_path)
+    assert found == tmp_path / "synthetic" / "kaggle_3m"
+
+    def failed(root, n_patients):  # a real failure (disk full, say) still says so
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(su, "make_synthetic_dataset", failed)
+    with pytest.raises(OSError, match="No space"):
+        su.resolve_data_dir(env_value="", data_root=tmp_path / "other")
+
+
 def test_resolve_data_dir_prefers_real_data(tmp_path):
     write_pair(tmp_path / "kaggle_3m", "P", 1)
     assert su.resolve_data_dir(env_value="", data_root=tmp_path) == tmp_path / "kaggle_3m"
