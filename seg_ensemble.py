@@ -32,14 +32,15 @@ def cross_validation_folds(patients, k: int = 5, seed: int = 0) -> list[list[str
 def choose_settings(sweeps: dict) -> dict:
     """The best row of {tta: sweep_postprocessing table}; ties keep the first (no TTA, lower
     thresholds first): {"tta", "threshold", "min_size", "keep_largest" (False, True or "mass"),
-    "dice"}."""
+    "drop_ends" (0 where the sweep tried none), "dice"}."""
     import pandas as pd
 
     table = pd.concat([t.assign(tta=tta) for tta, t in sweeps.items()], ignore_index=True)
     best = table.loc[table.dice.idxmax()]
     largest = best.keep_largest if best.keep_largest == "mass" else bool(best.keep_largest)
     return dict(tta=bool(best.tta), threshold=float(best.threshold), min_size=int(best.min_size),
-                keep_largest=largest, dice=float(best.dice))  # fmt: skip
+                keep_largest=largest, drop_ends=float(best.get("drop_ends", 0.0)),
+                dice=float(best.dice))  # fmt: skip
 
 
 def predict_ensemble(members: list, volumes: list, tta=False, progress=True) -> dict:

@@ -43,7 +43,7 @@ AXIAL = ("S", "P", "L")  # (D, H, W) axes of this set's slices, as nibabel axis 
 # inferior -> superior, rows anterior -> posterior, columns patient right -> left (radiological)
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
 INPUT_FLAGS = ("--t1", "INPUT", "--t1c")  # where each of CHANNELS comes from for NIfTI input
-DEFAULT_SETTINGS = dict(threshold=0.5, min_size=0, keep_largest=False, tta=False)
+DEFAULT_SETTINGS = dict(threshold=0.5, min_size=0, keep_largest=False, tta=False, drop_ends=0.0)
 CHUNK = 16  # slices per prediction step (one progress-bar tick)
 
 # ----------------------------------------------------------------------------- channels
@@ -298,7 +298,7 @@ def read_nifti(flair: Path, t1=None, t1c=None) -> Scan:
 
 
 def run_settings(checkpoint: Path, **overrides) -> tuple[dict, str]:
-    """Threshold, min_size, keep_largest and tta that notebook 04 chose on validation (its
+    """Threshold, min_size, keep_largest, drop_ends and tta that notebook 04 chose on validation (its
     test_metrics.json beside the checkpoint), else the defaults; then the overrides given."""
     metrics = checkpoint.parent / "test_metrics.json"
     settings = dict(DEFAULT_SETTINGS)
@@ -353,9 +353,8 @@ def predict_mask(model, pre: su.Preprocess, image: np.ndarray, settings: dict, p
         chunk = replace(prepared, image=prepared.image[start : start + CHUNK])
         probs.append(su.predict_prepared(model, chunk, tta=settings["tta"]))  # (c, S, S)
     prob = su.uncrop(np.concatenate(probs), prepared.box, prepared.shape)  # (D, H, W)
-    binary = su.postprocess(
-        prob >= settings["threshold"], settings["min_size"], settings["keep_largest"], prob
-    )
+    binary = su.postprocess(prob >= settings["threshold"], settings["min_size"],
+                            settings["keep_largest"], prob, settings["drop_ends"])  # fmt: skip
     return binary.astype(np.uint8)
 
 
@@ -622,7 +621,8 @@ def _shift_dice(model, pre, volume: su.Volume, settings: dict) -> float:
     """Patient Dice with the run's TTA, threshold and post-processing (as notebook 04 scores)."""
     prob = su.predict_volume(model, volume, pre, tta=settings["tta"])
     patients, _, _ = su.score_patients({volume.patient: prob}, [volume], settings["threshold"],
-                                       settings["min_size"], settings["keep_largest"])  # fmt: skip
+                                       settings["min_size"], settings["keep_largest"],
+                                       settings["drop_ends"])  # fmt: skip
     return float(patients.dice.iloc[0])
 
 

@@ -702,28 +702,46 @@ def dice_score(pred, target) -> float:
     return float(dice_from_counts((pred & target).sum(), pred.sum(), target.sum()))
 
 
-def postprocess(binary: np.ndarray, min_size: int = 0, keep_largest: bool | str = False,
-                prob: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
-    """Drop 3D connected components under min_size voxels, or keep only the largest one: the most
-    voxels, or with keep_largest="mass" the largest sum of `prob` (a big faint blob loses)."""
+def blobs_at_the_ends(labels: np.ndarray, fraction: float) -> np.ndarray:
+    """Per labelled 3D blob: does it lie wholly within the first or last `fraction` of the slices
+    (the skull base, the vertex)? (n_blobs,) bool."""
     from scipy import ndimage
 
-    if min_size <= 0 and not keep_largest:
+    depth = len(labels)  # (D, H, W) labels from ndimage.label: blobs 1..n, none missing
+    spans = [(box[0].start, box[0].stop) for box in ndimage.find_objects(labels)]
+    return np.array([stop <= fraction * depth or start >= (1 - fraction) * depth
+                     for start, stop in spans], dtype=bool)  # fmt: skip
+
+
+def postprocess(binary: np.ndarray, min_size: int = 0, keep_largest: bool | str = False,
+                prob: np.ndarray | None = None, drop_ends: float = 0.0) -> np.ndarray:  # fmt: skip
+    """Drop 3D connected components under min_size voxels, or keep only the largest one: the most
+    voxels, or with keep_largest="mass" the largest sum of `prob` (a big faint blob loses).
+    drop_ends > 0 first drops the blobs lying wholly within that fraction of the slices at either
+    end of the stack (bright tissue at the skull base or the vertex), so they cannot be largest."""
+    from scipy import ndimage
+
+    if min_size <= 0 and not keep_largest and drop_ends <= 0:
         return binary.astype(bool)
     if keep_largest not in (False, True, "mass") or (keep_largest == "mass" and prob is None):
         raise ValueError(f'keep_largest is False, True (most voxels) or "mass" (weighs blobs by '
                          f"probability: pass prob=), not {keep_largest!r}")  # fmt: skip
+    if not 0 <= drop_ends < 0.5:
+        raise ValueError(f"drop_ends is a fraction of the slices at each end, in [0, 0.5), not "
+                         f"{drop_ends}")  # fmt: skip
     labels, n = ndimage.label(binary)  # 3D: blobs that touch across slices are one
     if n == 0:
         return binary.astype(bool)
     weights = prob.ravel() if keep_largest == "mass" else None
     sizes = np.bincount(labels.ravel(), weights)[1:]  # voxels, or probability mass, per blob
-    keep = sizes == sizes.max() if keep_largest else sizes >= min_size
+    if drop_ends > 0:
+        sizes = np.where(blobs_at_the_ends(labels, drop_ends), -1.0, sizes)  # never kept
+    keep = (sizes == sizes.max()) & (sizes >= 0) if keep_largest else sizes >= max(min_size, 0)
     return np.concatenate([[False], keep])[labels]
 
 
 def score_patients(probs: dict, volumes: list[Volume], threshold=0.5, min_size=0,
-                   keep_largest=False):  # fmt: skip
+                   keep_largest=False, drop_ends=0.0):  # fmt: skip
     """Threshold, post-process and score each patient once, at the original resolution: tidy
     tables (pandas) of one row per patient and one per slice, and the scored masks
     {patient: (D, H, W) bool}, so that figures show exactly what was measured."""
@@ -733,7 +751,7 @@ def score_patients(probs: dict, volumes: list[Volume], threshold=0.5, min_size=0
     for vol in volumes:
         prob = probs[vol.patient]  # (D, H, W)
         check_probabilities(prob, vol, threshold)
-        pred = postprocess(prob >= threshold, min_size, keep_largest, prob)
+        pred = postprocess(prob >= threshold, min_size, keep_largest, prob, drop_ends)
         masks[vol.patient] = pred
         truth = vol.mask.astype(bool)
         inter = (pred & truth).sum((1, 2))  # (D,) pixel counts per slice
@@ -752,9 +770,9 @@ def score_patients(probs: dict, volumes: list[Volume], threshold=0.5, min_size=0
 
 
 def evaluate_patients(probs: dict, volumes: list[Volume], threshold=0.5, min_size=0,
-                      keep_largest=False):  # fmt: skip
+                      keep_largest=False, drop_ends=0.0):  # fmt: skip
     """score_patients without the masks: (one row per patient, one row per slice)."""
-    return score_patients(probs, volumes, threshold, min_size, keep_largest)[:2]
+    return score_patients(probs, volumes, threshold, min_size, keep_largest, drop_ends)[:2]
 
 
 def bootstrap_ci(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple:
@@ -791,18 +809,20 @@ def summarise(patients, slices) -> dict:
 
 
 def sweep_postprocessing(probs: dict, volumes: list[Volume], thresholds=(0.3, 0.4, 0.5, 0.6, 0.7),
-                         min_sizes=(0, 50, 200, 500), largest=(False, True)):  # fmt: skip
-    """Mean per-patient Dice for every threshold / min_size / keep_largest (run on validation;
-    largest=(False, True, "mass") tries the probability-mass choice of blob too)."""
+                         min_sizes=(0, 50, 200, 500), largest=(False, True), ends=(0.0,)):  # fmt: skip
+    """Mean per-patient Dice for every threshold / min_size / keep_largest / drop_ends (run on
+    validation; largest=(False, True, "mass") tries the probability-mass choice of blob too)."""
     import pandas as pd
 
     rows = []
     for threshold in thresholds:
-        for keep_largest in largest:
-            for min_size in min_sizes if not keep_largest else (0,):
-                table, _ = evaluate_patients(probs, volumes, threshold, min_size, keep_largest)
-                rows.append(dict(threshold=threshold, min_size=min_size,
-                                 keep_largest=keep_largest, dice=table.dice.mean()))  # fmt: skip
+        for drop_ends in ends:
+            for keep_largest in largest:
+                for min_size in min_sizes if not keep_largest else (0,):
+                    table, _ = evaluate_patients(probs, volumes, threshold, min_size, keep_largest,
+                                                 drop_ends)  # fmt: skip
+                    rows.append(dict(threshold=threshold, min_size=min_size, drop_ends=drop_ends,
+                                     keep_largest=keep_largest, dice=table.dice.mean()))  # fmt: skip
     return pd.DataFrame(rows)
 
 

@@ -15,11 +15,12 @@ import seg_utils as su
 
 def mask_viewer(volumes: list[su.Volume], probs: dict | None = None, model=None, pre=None,
                 threshold: float = 0.5, min_size: int = 0, keep_largest: bool = False,
-                tta: bool = False):  # fmt: skip
+                tta: bool = False, drop_ends: float = 0.0):  # fmt: skip
     """ipywidgets viewer: patient, slice, channel, truth/prediction, opacity and threshold.
     Predictions come from `probs` ({patient: (D, H, W)}) or from `model` + `pre` (with `tta`),
     computed once per patient, then thresholded and post-processed (postprocess with
-    `min_size`, `keep_largest`). The returned VBox has `.controls` (its widgets) for tests."""
+    `min_size`, `keep_largest`, `drop_ends`). The returned VBox has `.controls` (its widgets)
+    for tests."""
     import ipywidgets as W
 
     if model is not None and pre is None:
@@ -59,7 +60,7 @@ def mask_viewer(volumes: list[su.Volume], probs: dict | None = None, model=None,
         prob = probabilities(vol) if has_pred else None
         if prob is not None and (vol.patient, threshold) not in masks:
             masks[vol.patient, threshold] = su.postprocess(
-                prob >= threshold, min_size, keep_largest, prob
+                prob >= threshold, min_size, keep_largest, prob, drop_ends
             )
         return masks.get((vol.patient, threshold))
 

@@ -48,6 +48,9 @@ MIN_SIZES = (
 # keep every blob, the one with the most voxels, or the one with the largest probability mass
 # (a big faint false blob at the skull base loses to a smaller confident tumour)
 LARGEST = (False, True, "mass")
+# drop blobs lying wholly within this fraction of the slices at either end of the stack: the
+# skull-base and vertex false positives (TCGA_CS_5395, TCGA_CS_6668); no LGG tumour lies there
+ENDS = (0.0, 0.1, 0.2)
 BEFORE = {"ema": 0.0}  # recipe keys newer than some folds.json files: what those folds trained with
 
 
@@ -109,12 +112,17 @@ def gather(folds: list, pool: list, test: list, run_dir: Path, recipe: dict, oth
     volumes, oof = out_of_fold(folds, pool, run_dirs)
     print(f"sweeping {len(THRESHOLDS)} thresholds x blob rules x TTA on them", flush=True)
     sweeps = {
-        tta: su.sweep_postprocessing(oof[tta], volumes, THRESHOLDS, MIN_SIZES, LARGEST)
+        tta: su.sweep_postprocessing(oof[tta], volumes, THRESHOLDS, MIN_SIZES, LARGEST, ENDS)
         for tta in oof
     }
     chosen = su.choose_settings(sweeps)
     print(f"chosen out of fold: {chosen}; now the test patients, once", flush=True)
-    settings = (chosen["threshold"], chosen["min_size"], chosen["keep_largest"])
+    settings = (
+        chosen["threshold"],
+        chosen["min_size"],
+        chosen["keep_largest"],
+        chosen["drop_ends"],
+    )
     cv_patients, cv_slices = su.evaluate_patients(oof[chosen["tta"]], volumes, *settings)
     plain, _ = su.evaluate_patients(oof[False], volumes, 0.5)
     test_volumes = su.load_volumes(test, progress=False)

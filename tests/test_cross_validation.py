@@ -60,13 +60,16 @@ def test_choose_settings_takes_the_best_row_and_breaks_ties_towards_no_tta():
         )
 
     chosen = su.choose_settings({False: table([0.70, 0.80]), True: table([0.80, 0.75])})
-    assert chosen == dict(tta=False, threshold=0.5, min_size=100, keep_largest=False, dice=0.80)
+    assert chosen == dict(tta=False, threshold=0.5, min_size=100, keep_largest=False,
+                          drop_ends=0.0, dice=0.80)  # fmt: skip
     chosen = su.choose_settings({False: table([0.70, 0.80]), True: table([0.81, 0.75])})
     assert (chosen["tta"], chosen["threshold"], chosen["min_size"]) == (True, 0.4, 0)
     mass = pd.DataFrame(dict(threshold=[0.5, 0.5], min_size=[0, 0], keep_largest=[True, "mass"],
                              dice=[0.80, 0.82]))  # fmt: skip
     assert su.choose_settings({False: mass})["keep_largest"] == "mass"  # not bool("mass")
     assert su.choose_settings({False: mass.assign(dice=[0.82, 0.82])})["keep_largest"] is True
+    ends = mass.assign(keep_largest=[True, True], drop_ends=[0.0, 0.2])
+    assert su.choose_settings({False: ends})["drop_ends"] == 0.2
 
 
 def _run(script, *args, data):

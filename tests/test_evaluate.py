@@ -120,6 +120,32 @@ def test_keep_largest_by_probability_mass_keeps_the_confident_blob():
         su.postprocess(binary, keep_largest="Mass", prob=prob)
 
 
+def test_drop_ends_removes_blobs_wholly_at_either_end_of_the_stack():
+    binary = np.zeros((10, 20, 20), bool)
+    binary[0:2, 2:12, 2:12] = True  # slices 1-2 of 10: skull base, 200 voxels (the largest)
+    binary[4:7, 5:9, 5:9] = True  # slices 5-7: 48 voxels, the tumour
+    binary[9, 14:18, 14:18] = True  # slice 10: vertex, 16 voxels
+    binary[1:5, 15:19, 2:4] = True  # slices 2-5: 32 voxels, reaches past the lowest 20 %
+    assert su.postprocess(binary, drop_ends=0.2).sum() == 48 + 32  # both end blobs dropped
+    assert su.postprocess(binary, drop_ends=0.1).sum() == 200 + 48 + 32  # only slice 10's
+    assert su.postprocess(binary, keep_largest=True).sum() == 200  # the skull base wins...
+    assert su.postprocess(binary, keep_largest=True, drop_ends=0.2).sum() == 48  # ...not now
+    assert su.postprocess(binary, min_size=40, drop_ends=0.2).sum() == 48
+    ends = np.zeros_like(binary)
+    ends[[0, 9]] = binary[[0, 9]]
+    assert not su.postprocess(ends, keep_largest=True, drop_ends=0.2).any()  # nothing left
+    labels = np.zeros((10, 4, 4), int)
+    labels[0, 0, 0], labels[3:8, 1, 1], labels[9, 2, 2] = 1, 2, 3
+    assert su.blobs_at_the_ends(labels, 0.1).tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="drop_ends is a fraction"):
+        su.postprocess(binary, drop_ends=0.5)
+    prob = binary * 0.9
+    volume = su.Volume("P", list(range(1, 11)), np.zeros((10, 20, 20, 3), np.uint8),
+                       su.postprocess(binary, drop_ends=0.2).astype(np.uint8))  # fmt: skip
+    sweep = su.sweep_postprocessing({"P": prob}, [volume], (0.5,), (0,), (False,), (0.0, 0.2))
+    assert sweep.drop_ends.tolist() == [0.0, 0.2] and sweep.dice.iloc[1] == 1.0 > sweep.dice.iloc[0]
+
+
 def test_post_processing_changes_the_score(two_patients):
     volumes, probs = two_patients
     plain, _ = su.evaluate_patients(probs, volumes, 0.5)

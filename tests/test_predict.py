@@ -309,7 +309,7 @@ def test_settings_come_from_notebook_04_and_flags_override(checkpoint, tmp_path)
     run = tmp_path / "run"
     run.mkdir()
     (run / "best.pt").write_bytes(checkpoint.read_bytes())
-    chosen = dict(tta=True, threshold=0.7, min_size=200, keep_largest=False)
+    chosen = dict(tta=True, threshold=0.7, min_size=200, keep_largest=False, drop_ends=0.2)
     record = dict(checkpoint="../runs/unet/best.pt", chosen_on_validation=chosen)
     (run / "test_metrics.json").write_text(json.dumps(record))
     settings, source = sp.run_settings(run / "best.pt")
@@ -321,6 +321,9 @@ def test_settings_come_from_notebook_04_and_flags_override(checkpoint, tmp_path)
     record["chosen_on_validation"] = chosen | {"keep_largest": "mass"}  # stays "mass", not True
     (run / "test_metrics.json").write_text(json.dumps(record))
     assert sp.run_settings(run / "best.pt")[0]["keep_largest"] == "mass"
+    del record["chosen_on_validation"]["drop_ends"]  # a record from before drop_ends: none
+    (run / "test_metrics.json").write_text(json.dumps(record))
+    assert sp.run_settings(run / "best.pt")[0]["drop_ends"] == 0.0
     settings, source = sp.run_settings(run / "last.pt")  # notebook 04 scored best.pt, not this
     assert settings == sp.DEFAULT_SETTINGS and "is for best.pt" in source
     (run / "test_metrics.json").write_text("{broken")
