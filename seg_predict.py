@@ -442,7 +442,8 @@ def summarise_prediction(scan: Scan, pred: np.ndarray) -> dict:
 
 
 def predict(checkpoint, source, out_dir, t1=None, t1c=None, threshold=None, min_size=None,
-            keep_largest=None, tta=None, fill_missing=None, overwrite=False, progress=True) -> dict:  # fmt: skip
+            keep_largest=None, tta=None, fill_missing=None, overwrite=False, progress=True,
+            drop_ends=None) -> dict:  # fmt: skip
     """Segment a new scan `source` (patient folder, slice folder or NIfTI FLAIR): write its
     mask(s), overlay.png and summary.json to out_dir (atomically); return the summary.
     Settings come from notebook 04's choice unless given here."""
@@ -450,7 +451,7 @@ def predict(checkpoint, source, out_dir, t1=None, t1c=None, threshold=None, min_
     _refuse_results(out_dir, overwrite)  # before any work: fail fast
     model, pre, _ = su.load_checkpoint(checkpoint)
     settings, origin = run_settings(checkpoint, threshold=threshold, min_size=min_size,
-                                    keep_largest=keep_largest, tta=tta)  # fmt: skip
+                                    keep_largest=keep_largest, tta=tta, drop_ends=drop_ends)  # fmt: skip
     scan = read_scan(source, t1, t1c)
     image, filled = model_image(scan, pre, checkpoint, fill_missing)
     pred = predict_mask(model, pre, image, settings, progress)
@@ -691,6 +692,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--keep-largest", action=argparse.BooleanOptionalAction, help="largest blob only"
     )
+    p.add_argument("--drop-ends", type=float, help="drop blobs lying wholly within this fraction "
+                   "of the slices at either end (skull base, vertex), e.g. 0.2")  # fmt: skip
     p.add_argument(
         "--tta", action=argparse.BooleanOptionalAction, help="flip test-time augmentation"
     )
@@ -716,7 +719,8 @@ def main(argv=None) -> int:
         elif args.command == "predict":
             summary = predict(args.checkpoint, args.input, args.out, args.t1, args.t1c,
                               args.threshold, args.min_size, args.keep_largest, args.tta,
-                              args.fill_missing, args.overwrite, not args.quiet)  # fmt: skip
+                              args.fill_missing, args.overwrite, not args.quiet,
+                              args.drop_ends)  # fmt: skip
             size = summary.get("tumour_volume_ml")
             print(f"{summary['tumour_slice_count']} of {summary['slices']} slices with tumour"
                   + (f", {size:.2f} mL" if size is not None else f", {summary['tumour_pixels']} px")

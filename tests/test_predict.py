@@ -96,6 +96,15 @@ def test_patient_folder_masks_dice_and_summary(checkpoint, patient, tmp_path):
     assert written == summary and cv2.imread(str(tmp_path / "out" / "overlay.png")) is not None
 
 
+def test_drop_ends_can_be_given_to_predict_and_on_the_command_line(checkpoint, patient, tmp_path):
+    vol, folder = patient
+    summary = su.predict(checkpoint, folder, tmp_path / "out", drop_ends=0.3, progress=False)
+    assert summary["settings"]["drop_ends"] == 0.3
+    assert "overridden by the caller: drop_ends" in summary["settings_source"]
+    args = sp._parser().parse_args(["predict", "m.pt", "scan", "--out", "o", "--drop-ends", "0.2"])
+    assert args.drop_ends == 0.2
+
+
 def write_slices(vol, folder, flair_only=False):
     """Slices as PNGs named scan-<n>.png (unpadded: 10 after 9), in the set's channel order."""
     folder.mkdir()
