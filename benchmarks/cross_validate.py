@@ -48,8 +48,8 @@ MIN_SIZES = (
 # keep every blob, the one with the most voxels, or the one with the largest probability mass
 # (a big faint false blob at the skull base loses to a smaller confident tumour)
 LARGEST = (False, True, "mass")
-# drop blobs lying wholly within this fraction of the slices at either end of the stack: the
-# skull-base and vertex false positives (TCGA_CS_5395, TCGA_CS_6668); no LGG tumour lies there
+# drop blobs lying wholly within this fraction of the slices at either end of the stack: skull-base
+# and vertex false positives (TCGA_CS_6668's, out of fold); no tumour of the 88 LGG patients lies there
 ENDS = (0.0, 0.1, 0.2)
 BEFORE = {"ema": 0.0}  # recipe keys newer than some folds.json files: what those folds trained with
 
@@ -117,12 +117,7 @@ def gather(folds: list, pool: list, test: list, run_dir: Path, recipe: dict, oth
     }
     chosen = su.choose_settings(sweeps)
     print(f"chosen out of fold: {chosen}; now the test patients, once", flush=True)
-    settings = (
-        chosen["threshold"],
-        chosen["min_size"],
-        chosen["keep_largest"],
-        chosen["drop_ends"],
-    )
+    settings = tuple(chosen[k] for k in ("threshold", "min_size", "keep_largest", "drop_ends"))
     cv_patients, cv_slices = su.evaluate_patients(oof[chosen["tta"]], volumes, *settings)
     plain, _ = su.evaluate_patients(oof[False], volumes, 0.5)
     test_volumes = su.load_volumes(test, progress=False)
