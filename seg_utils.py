@@ -734,10 +734,20 @@ def postprocess(binary: np.ndarray, min_size: int = 0, keep_largest: bool | str 
         return binary.astype(bool)
     weights = prob.ravel() if keep_largest == "mass" else None
     sizes = np.bincount(labels.ravel(), weights)[1:]  # voxels, or probability mass, per blob
-    if drop_ends > 0:
-        sizes = np.where(blobs_at_the_ends(labels, drop_ends), -1.0, sizes)  # never kept
-    keep = (sizes == sizes.max()) & (sizes >= 0) if keep_largest else sizes >= max(min_size, 0)
+    at_ends = blobs_at_the_ends(labels, drop_ends) if drop_ends > 0 else np.zeros(n, bool)
+    keep = blobs_to_keep(sizes, at_ends, min_size, keep_largest)
     return np.concatenate([[False], keep])[labels]
+
+
+def blobs_to_keep(
+    sizes: np.ndarray, at_ends: np.ndarray, min_size: int, keep_largest
+) -> np.ndarray:
+    """The post-processing rule, per blob: the blobs at the stack's ends go first, then those
+    under min_size, or all but the largest `sizes` (voxels or probability mass). (n_blobs,) bool."""
+    sizes = np.where(at_ends, -1.0, sizes)  # never kept
+    if keep_largest:
+        return (sizes == sizes.max()) & (sizes >= 0) if len(sizes) else sizes > 0
+    return sizes >= max(min_size, 0)
 
 
 def score_patients(probs: dict, volumes: list[Volume], threshold=0.5, min_size=0,
@@ -811,19 +821,49 @@ def summarise(patients, slices) -> dict:
 def sweep_postprocessing(probs: dict, volumes: list[Volume], thresholds=(0.3, 0.4, 0.5, 0.6, 0.7),
                          min_sizes=(0, 50, 200, 500), largest=(False, True), ends=(0.0,)):  # fmt: skip
     """Mean per-patient Dice for every threshold / min_size / keep_largest / drop_ends (run on
-    validation; largest=(False, True, "mass") tries the probability-mass choice of blob too)."""
+    validation; largest=(False, True, "mass") tries the probability-mass choice of blob too).
+    Each volume's blobs are found once per threshold; every setting then keeps some of them
+    (blobs_to_keep, the rule postprocess applies), so the Dice are those evaluate_patients gives."""
     import pandas as pd
 
-    rows = []
+    dice = {}  # (threshold, drop_ends, keep_largest, min_size) -> per-patient Dice
     for threshold in thresholds:
-        for drop_ends in ends:
-            for keep_largest in largest:
-                for min_size in min_sizes if not keep_largest else (0,):
-                    table, _ = evaluate_patients(probs, volumes, threshold, min_size, keep_largest,
-                                                 drop_ends)  # fmt: skip
-                    rows.append(dict(threshold=threshold, min_size=min_size, drop_ends=drop_ends,
-                                     keep_largest=keep_largest, dice=table.dice.mean()))  # fmt: skip
+        for vol in volumes:
+            check_probabilities(probs[vol.patient], vol, threshold)
+            blobs = _blob_counts(probs[vol.patient], vol.mask, threshold, ends)
+            for setting, value in _dice_per_setting(blobs, threshold, min_sizes, largest, ends):
+                dice.setdefault(setting, []).append(value)
+    rows = [dict(threshold=t, min_size=m, drop_ends=e, keep_largest=k, dice=float(np.mean(d)))
+            for (t, e, k, m), d in dice.items()]  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def _blob_counts(prob: np.ndarray, mask: np.ndarray, threshold: float, ends) -> dict:
+    """Per 3D blob of prob >= threshold: voxels, probability mass, voxels on the truth, and
+    whether it lies at the stack's ends for each drop_ends; plus the truth's voxel count."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(prob >= threshold)
+    flat, truth = labels.ravel(), mask.astype(bool)
+
+    def count(weights=None):  # per blob 1..n: voxels, or the sum of weights over its voxels
+        return np.bincount(flat, weights, minlength=n + 1)[1:]
+
+    at_ends = {e: blobs_at_the_ends(labels, e) if e > 0 and n else np.zeros(n, bool) for e in ends}
+    return dict(voxels=count(), mass=count(prob.ravel()), hits=count(truth.ravel()),
+                at_ends=at_ends, truth=int(truth.sum()))  # fmt: skip
+
+
+def _dice_per_setting(blobs: dict, threshold, min_sizes, largest, ends):
+    """((threshold, drop_ends, keep_largest, min_size), Dice) for one volume, in sweep order."""
+    for drop_ends in ends:
+        for keep_largest in largest:
+            sizes = blobs["mass"] if keep_largest == "mass" else blobs["voxels"]
+            for min_size in min_sizes if not keep_largest else (0,):
+                keep = blobs_to_keep(sizes, blobs["at_ends"][drop_ends], min_size, keep_largest)
+                pred, inter = blobs["voxels"][keep].sum(), blobs["hits"][keep].sum()
+                value = float(dice_from_counts(inter, pred, blobs["truth"]))
+                yield (threshold, drop_ends, keep_largest, min_size), value
 
 
 # ----------------------------- 6. Tools: show_source (seg_draw), command line (no lesson)

@@ -146,6 +146,31 @@ def test_drop_ends_removes_blobs_wholly_at_either_end_of_the_stack():
     assert sweep.drop_ends.tolist() == [0.0, 0.2] and sweep.dice.iloc[1] == 1.0 > sweep.dice.iloc[0]
 
 
+def test_sweep_gives_the_dice_evaluate_patients_gives_for_every_setting():
+    rng = np.random.default_rng(3)
+    volumes, probs = [], {}
+    for i in range(3):  # blobs of every kind: big, small, at the ends, touching across slices
+        mask = np.zeros((10, 24, 24), np.uint8)
+        mask[3:7, 4:12, 4:12] = 1
+        prob = np.clip(mask * 0.6 + rng.uniform(0, 0.35, mask.shape), 0, 1)
+        prob[0:2, 16:22, 16:22] += 0.5 - 0.1 * i  # a skull-base blob
+        prob[9, 2:5, 18:21] = 0.97  # a small confident vertex blob
+        volumes.append(su.Volume(f"P{i}", list(range(1, 11)), np.zeros((10, 24, 24, 3), np.uint8),
+                                 mask))  # fmt: skip
+        probs[f"P{i}"] = np.clip(prob, 0, 1).astype(np.float32)
+    largest, ends = (False, True, "mass"), (0.0, 0.1, 0.2)
+    sweep = su.sweep_postprocessing(probs, volumes, (0.4, 0.5, 0.7), (0, 20, 40), largest, ends)
+    assert len(sweep) == 3 * 3 * (3 + 2)
+    for row in sweep.itertuples():
+        table, _ = su.evaluate_patients(probs, volumes, row.threshold, row.min_size,
+                                        row.keep_largest, row.drop_ends)  # fmt: skip
+        assert row.dice == pytest.approx(table.dice.mean(), abs=1e-12)
+    assert sweep.dice.nunique() > 5  # the settings differ here, so the comparison means something
+    first = sweep.iloc[:5][["threshold", "drop_ends", "keep_largest", "min_size"]].values.tolist()
+    assert first == [[0.4, 0.0, False, 0], [0.4, 0.0, False, 20], [0.4, 0.0, False, 40],
+                     [0.4, 0.0, True, 0], [0.4, 0.0, "mass", 0]]  # fmt: skip
+
+
 def test_post_processing_changes_the_score(two_patients):
     volumes, probs = two_patients
     plain, _ = su.evaluate_patients(probs, volumes, 0.5)
