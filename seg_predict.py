@@ -298,8 +298,8 @@ def read_nifti(flair: Path, t1=None, t1c=None) -> Scan:
 
 
 def run_settings(checkpoint: Path, **overrides) -> tuple[dict, str]:
-    """Threshold, min_size, keep_largest, drop_ends and tta that notebook 04 chose on validation (its
-    test_metrics.json beside the checkpoint), else the defaults; then the overrides given."""
+    """Threshold, min_size, keep_largest, drop_ends and tta that notebook 04 chose on validation
+    (its test_metrics.json beside the checkpoint), else the defaults; then the overrides given."""
     metrics = checkpoint.parent / "test_metrics.json"
     settings = dict(DEFAULT_SETTINGS)
     source = f"defaults (threshold 0.5, no post-processing): no {metrics} from notebook 04"

@@ -702,12 +702,14 @@ def dice_score(pred, target) -> float:
     return float(dice_from_counts((pred & target).sum(), pred.sum(), target.sum()))
 
 
-def blobs_at_the_ends(labels: np.ndarray, fraction: float) -> np.ndarray:
-    """Per labelled 3D blob: does it lie wholly within the first or last `fraction` of the slices
-    (the skull base, the vertex)? (n_blobs,) bool."""
+def blobs_at_the_ends(labels: np.ndarray, n: int, fraction: float) -> np.ndarray:
+    """Per blob 1..n of ndimage.label: does it lie wholly within the first or last `fraction` of
+    the slices (the skull base, the vertex)? (n,) bool; all False for fraction 0."""
     from scipy import ndimage
 
-    depth = len(labels)  # (D, H, W) labels from ndimage.label: blobs 1..n, none missing
+    if fraction <= 0 or n == 0:  # nothing to look for: skip find_objects' pass over the volume
+        return np.zeros(n, bool)
+    depth = len(labels)  # (D, H, W)
     spans = [(box[0].start, box[0].stop) for box in ndimage.find_objects(labels)]
     return np.array([stop <= fraction * depth or start >= (1 - fraction) * depth
                      for start, stop in spans], dtype=bool)  # fmt: skip
@@ -734,8 +736,7 @@ def postprocess(binary: np.ndarray, min_size: int = 0, keep_largest: bool | str 
         return binary.astype(bool)
     weights = prob.ravel() if keep_largest == "mass" else None
     sizes = np.bincount(labels.ravel(), weights)[1:]  # voxels, or probability mass, per blob
-    at_ends = blobs_at_the_ends(labels, drop_ends) if drop_ends > 0 else np.zeros(n, bool)
-    keep = blobs_to_keep(sizes, at_ends, min_size, keep_largest)
+    keep = blobs_to_keep(sizes, blobs_at_the_ends(labels, n, drop_ends), min_size, keep_largest)
     return np.concatenate([[False], keep])[labels]
 
 
@@ -745,8 +746,8 @@ def blobs_to_keep(
     """The post-processing rule, per blob: the blobs at the stack's ends go first, then those
     under min_size, or all but the largest `sizes` (voxels or probability mass). (n_blobs,) bool."""
     sizes = np.where(at_ends, -1.0, sizes)  # never kept
-    if keep_largest:
-        return (sizes == sizes.max()) & (sizes >= 0) if len(sizes) else sizes > 0
+    if keep_largest:  # ties keep every largest blob; none left (all at the ends): keep none
+        return (sizes == sizes.max(initial=-1.0)) & (sizes >= 0)
     return sizes >= max(min_size, 0)
 
 
@@ -849,7 +850,7 @@ def _blob_counts(prob: np.ndarray, mask: np.ndarray, threshold: float, ends) -> 
     def count(weights=None):  # per blob 1..n: voxels, or the sum of weights over its voxels
         return np.bincount(flat, weights, minlength=n + 1)[1:]
 
-    at_ends = {e: blobs_at_the_ends(labels, e) if e > 0 and n else np.zeros(n, bool) for e in ends}
+    at_ends = {e: blobs_at_the_ends(labels, n, e) for e in ends}
     return dict(voxels=count(), mass=count(prob.ravel()), hits=count(truth.ravel()),
                 at_ends=at_ends, truth=int(truth.sum()))  # fmt: skip
 

@@ -136,7 +136,7 @@ def test_drop_ends_removes_blobs_wholly_at_either_end_of_the_stack():
     assert not su.postprocess(ends, keep_largest=True, drop_ends=0.2).any()  # nothing left
     labels = np.zeros((10, 4, 4), int)
     labels[0, 0, 0], labels[3:8, 1, 1], labels[9, 2, 2] = 1, 2, 3
-    assert su.blobs_at_the_ends(labels, 0.1).tolist() == [True, False, True]
+    assert su.blobs_at_the_ends(labels, 3, 0.1).tolist() == [True, False, True]
     with pytest.raises(ValueError, match="drop_ends is a fraction"):
         su.postprocess(binary, drop_ends=0.5)
     prob = binary * 0.9
