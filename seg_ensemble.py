@@ -1,10 +1,11 @@
-"""Cross-validation folds and fold ensembles: the protocol of benchmarks/cross_validate.py.
+"""Choosing post-processing, cross-validation folds and fold ensembles: notebook 04's sweep and
+the protocol of benchmarks/cross_validate.py.
 
     python benchmarks/cross_validate.py --run-dir runs/cv5     # 5 folds, then the ensemble on test
 
 No lesson teaches this module; its names are also su.<name> (seg_utils looks them up here on
-first use): cross_validation_folds, choose_settings, predict_ensemble, load_ensemble,
-models_to_score.
+first use): sweep_postprocessing, choose_settings, cross_validation_folds, predict_ensemble,
+load_ensemble, models_to_score.
 """
 
 from __future__ import annotations
@@ -27,6 +28,54 @@ def cross_validation_folds(patients, k: int = 5, seed: int = 0) -> list[list[str
         raise ValueError(f"{k} folds need 2 <= k <= the number of patients ({len(ids)})")
     random.Random(seed).shuffle(ids)
     return [sorted(ids[i::k]) for i in range(k)]
+
+
+def sweep_postprocessing(probs: dict, volumes: list[su.Volume], thresholds=(0.3, 0.4, 0.5, 0.6, 0.7),
+                         min_sizes=(0, 50, 200, 500), largest=(False, True), ends=(0.0,)):  # fmt: skip
+    """Mean per-patient Dice for every threshold / min_size / keep_largest / drop_ends (run on
+    validation; largest=(False, True, "mass") tries the probability-mass choice of blob too).
+    Each volume's blobs are found once per threshold; every setting then keeps some of them
+    (blobs_to_keep, the rule postprocess applies), so the Dice are those evaluate_patients gives."""
+    import pandas as pd
+
+    dice = {}  # (threshold, drop_ends, keep_largest, min_size) -> per-patient Dice
+    for threshold in thresholds:
+        for vol in volumes:
+            su.check_probabilities(probs[vol.patient], vol, threshold)
+            blobs = _blob_counts(probs[vol.patient], vol.mask, threshold, ends)
+            for setting, value in _dice_per_setting(blobs, threshold, min_sizes, largest, ends):
+                dice.setdefault(setting, []).append(value)
+    rows = [dict(threshold=t, min_size=m, drop_ends=e, keep_largest=k, dice=float(np.mean(d)))
+            for (t, e, k, m), d in dice.items()]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _blob_counts(prob: np.ndarray, mask: np.ndarray, threshold: float, ends) -> dict:
+    """Per 3D blob of prob >= threshold: voxels, probability mass, voxels on the truth, and
+    whether it lies at the stack's ends for each drop_ends; plus the truth's voxel count."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(prob >= threshold)
+    flat, truth = labels.ravel(), mask.astype(bool)
+
+    def count(weights=None):  # per blob 1..n: voxels, or the sum of weights over its voxels
+        return np.bincount(flat, weights, minlength=n + 1)[1:]
+
+    at_ends = {e: su.blobs_at_the_ends(labels, n, e) for e in ends}
+    return dict(voxels=count(), mass=count(prob.ravel()), hits=count(truth.ravel()),
+                at_ends=at_ends, truth=int(truth.sum()))  # fmt: skip
+
+
+def _dice_per_setting(blobs: dict, threshold, min_sizes, largest, ends):
+    """((threshold, drop_ends, keep_largest, min_size), Dice) for one volume, in sweep order."""
+    for drop_ends in ends:
+        for keep_largest in largest:
+            sizes = blobs["mass"] if keep_largest == "mass" else blobs["voxels"]
+            for min_size in min_sizes if not keep_largest else (0,):
+                keep = su.blobs_to_keep(sizes, blobs["at_ends"][drop_ends], min_size, keep_largest)
+                pred, inter = blobs["voxels"][keep].sum(), blobs["hits"][keep].sum()
+                value = float(su.dice_from_counts(inter, pred, blobs["truth"]))
+                yield (threshold, drop_ends, keep_largest, min_size), value
 
 
 def choose_settings(sweeps: dict) -> dict:

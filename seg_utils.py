@@ -14,13 +14,14 @@ Contents                                                               taught in
     3. Model and training: UNet, bce_dice_loss, train_step, train,         03_train_unet
        load_checkpoint
     4. Evaluation: predict_volume, uncrop, dice_from_counts, postprocess,  04_evaluate
-       score_patients, summarise, sweep_postprocessing
+       score_patients, summarise (sweep_postprocessing: seg_ensemble.py)
     5. The mask viewer: mask_viewer (widgets: seg_viewer.py)               05_mask_viewer
     6. Tools: show_source, `python -m seg_utils data|predict|export`       (no lesson)
 Code that no lesson teaches lives in modules of its own, whose public names are also su.<name>:
 seg_files.py (file names and checks, DataError), seg_synthetic.py (the synthetic MRI set),
 seg_runs.py (checkpoint files, resume, run folders), seg_hardware.py (device, bf16 or fp32,
-memory layout), seg_draw.py (slices, curves, plots) and seg_viewer.py (the mask viewer's widgets).
+memory layout), seg_draw.py (slices, curves, plots), seg_ensemble.py (the post-processing sweep,
+cross-validation folds, fold ensembles) and seg_viewer.py (the mask viewer's widgets).
 """
 
 from __future__ import annotations
@@ -819,64 +820,17 @@ def summarise(patients, slices) -> dict:
     return {k: int(v) if k.startswith("empty") else float(v) for k, v in metrics.items()}
 
 
-def sweep_postprocessing(probs: dict, volumes: list[Volume], thresholds=(0.3, 0.4, 0.5, 0.6, 0.7),
-                         min_sizes=(0, 50, 200, 500), largest=(False, True), ends=(0.0,)):  # fmt: skip
-    """Mean per-patient Dice for every threshold / min_size / keep_largest / drop_ends (run on
-    validation; largest=(False, True, "mass") tries the probability-mass choice of blob too).
-    Each volume's blobs are found once per threshold; every setting then keeps some of them
-    (blobs_to_keep, the rule postprocess applies), so the Dice are those evaluate_patients gives."""
-    import pandas as pd
-
-    dice = {}  # (threshold, drop_ends, keep_largest, min_size) -> per-patient Dice
-    for threshold in thresholds:
-        for vol in volumes:
-            check_probabilities(probs[vol.patient], vol, threshold)
-            blobs = _blob_counts(probs[vol.patient], vol.mask, threshold, ends)
-            for setting, value in _dice_per_setting(blobs, threshold, min_sizes, largest, ends):
-                dice.setdefault(setting, []).append(value)
-    rows = [dict(threshold=t, min_size=m, drop_ends=e, keep_largest=k, dice=float(np.mean(d)))
-            for (t, e, k, m), d in dice.items()]  # fmt: skip
-    return pd.DataFrame(rows)
-
-
-def _blob_counts(prob: np.ndarray, mask: np.ndarray, threshold: float, ends) -> dict:
-    """Per 3D blob of prob >= threshold: voxels, probability mass, voxels on the truth, and
-    whether it lies at the stack's ends for each drop_ends; plus the truth's voxel count."""
-    from scipy import ndimage
-
-    labels, n = ndimage.label(prob >= threshold)
-    flat, truth = labels.ravel(), mask.astype(bool)
-
-    def count(weights=None):  # per blob 1..n: voxels, or the sum of weights over its voxels
-        return np.bincount(flat, weights, minlength=n + 1)[1:]
-
-    at_ends = {e: blobs_at_the_ends(labels, n, e) for e in ends}
-    return dict(voxels=count(), mass=count(prob.ravel()), hits=count(truth.ravel()),
-                at_ends=at_ends, truth=int(truth.sum()))  # fmt: skip
-
-
-def _dice_per_setting(blobs: dict, threshold, min_sizes, largest, ends):
-    """((threshold, drop_ends, keep_largest, min_size), Dice) for one volume, in sweep order."""
-    for drop_ends in ends:
-        for keep_largest in largest:
-            sizes = blobs["mass"] if keep_largest == "mass" else blobs["voxels"]
-            for min_size in min_sizes if not keep_largest else (0,):
-                keep = blobs_to_keep(sizes, blobs["at_ends"][drop_ends], min_size, keep_largest)
-                pred, inter = blobs["voxels"][keep].sum(), blobs["hits"][keep].sum()
-                value = float(dice_from_counts(inter, pred, blobs["truth"]))
-                yield (threshold, drop_ends, keep_largest, min_size), value
-
-
 # ----------------------------- 6. Tools: show_source (seg_draw), command line (no lesson)
 
-# Using the model on a new scan (seg_predict.py), cross-validation ensembles (seg_ensemble.py) and
+# Using the model on a new scan (seg_predict.py), the sweep and ensembles (seg_ensemble.py) and
 # the mask viewer (seg_viewer.py) are su.<name> too, looked up on first use: `import seg_utils`
 # stays light, with no import circle.
 _LAZY = dict.fromkeys(("predict", "export_onnx", "read_scan", "parse_channels", "needed_inputs",
                        "site_shift_scores", "site_shift_table", "SHIFTS"), "seg_predict")  # fmt: skip
 _LAZY["mask_viewer"] = "seg_viewer"
 _LAZY |= dict.fromkeys(("cross_validation_folds", "choose_settings", "predict_ensemble",
-                        "load_ensemble", "models_to_score"), "seg_ensemble")  # fmt: skip
+                        "load_ensemble", "models_to_score", "sweep_postprocessing"),
+                       "seg_ensemble")  # fmt: skip
 
 
 def __dir__() -> list[str]:
