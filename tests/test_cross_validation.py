@@ -197,10 +197,11 @@ def test_notebook_04_scores_an_ensemble_of_run_folders(synthetic_set, tmp_path):
 
 def test_cross_validation_refuses_another_recipe_in_the_same_folder(synthetic_set, tmp_path):
     data, run_dir = synthetic_set(10), tmp_path / "cv"
+    plain = (*TINY, "--ema", "0")  # the recipe a folds.json from before --ema describes
     first = _run("cross_validate.py", "--run-dir", str(run_dir), "--folds", "2", "--fold", "1",
-                 *TINY, data=data)  # fmt: skip
+                 *plain, data=data)  # fmt: skip
     assert first.returncode == 0, first.stderr[-2000:]
-    other = _run("cross_validate.py", "--run-dir", str(run_dir), "--folds", "2", *TINY,
+    other = _run("cross_validate.py", "--run-dir", str(run_dir), "--folds", "2", *plain,
                  "--lr", "0.01", data=data)  # fmt: skip
     assert other.returncode != 0 and "holds other folds or another recipe" in other.stderr
     plan = run_dir / "folds.json"  # as written before --ema existed: no key, no moving average
@@ -208,7 +209,7 @@ def test_cross_validation_refuses_another_recipe_in_the_same_folder(synthetic_se
     del saved["recipe"]["ema"]
     plan.write_text(json.dumps(saved))
     same = _run("cross_validate.py", "--run-dir", str(run_dir), "--folds", "2", "--fold", "1",
-                *TINY, data=data)  # fmt: skip
+                *plain, data=data)  # fmt: skip
     assert same.returncode == 0 and "already done" in same.stdout, same.stderr[-2000:]
     averaged = _run("cross_validate.py", "--run-dir", str(run_dir), "--folds", "2", "--fold", "1",
                     *TINY, "--ema", "0.99", data=data)  # fmt: skip
