@@ -484,7 +484,7 @@ class TrainConfig:
     # fold: 0.825 at 0.3, 0.822 at 0.1 (the default before 2026-11-26): chosen by that, a tie
     train_crop: float = 0.75  # train on random windows of this share of the side: 96 px of 128,
     # 56 % of the work per image (a fully convolutional U-Net still predicts whole images). LGG
-    # test Dice, two seeds: 0.839 and 0.836 for 24 such epochs, 0.841 and 0.840 for 40 epochs on
+    # test Dice (width 16), two seeds: 0.839 and 0.836 for 24 such epochs, 0.841 and 0.840 for 40 on
     # whole images (1.0, `--recipe old`) at 3x the work; 20 such epochs: 0.788 and 0.826
     num_workers: int = 0  # 2 cores: 0 workers 57 img/s, 1-2 workers 53-54 (bench_loader.py)
     ema_decay: float = 0.998  # > 0: validate and save a moving average of the weights (update_ema;
