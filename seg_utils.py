@@ -487,7 +487,8 @@ class TrainConfig:
     # 56 % of the work per image (a fully convolutional U-Net still predicts whole images). LGG
     # test Dice (width 16), two seeds: 0.839 and 0.836 for 24 such epochs, 0.841 and 0.840 for 40 on
     # whole images (1.0, `--recipe old`) at 3x the work; 20 such epochs: 0.788 and 0.826
-    num_workers: int = 0  # 2 cores: 0 workers 57 img/s, 1-2 workers 53-54 (bench_loader.py)
+    num_workers: int = 0  # 2 cores: 0 workers 57 img/s, 1-2 workers 53-54 (bench_loader.py, width
+    # 16, bf16); width 10, fp32 on an AVX2 CPU: 22.0, 22.7, 21.6 img/s, a tie
     ema_decay: float = 0.998  # > 0: validate and save a moving average of the weights (update_ema;
     # 0 = off): 0.998 averages ~500 steps, ~3 epochs, so a short schedule's last epochs are smooth
     # (LGG, 12 epochs with 0.99: fast but levelled off at 0.775; 0.998 kept climbing to 0.78-0.80)
