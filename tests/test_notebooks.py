@@ -1,7 +1,9 @@
 """Notebooks are committed clean (no outputs, no execution counts), read parameters from the
 environment, and share one lesson frame (defined below, above its test)."""
 
+import inspect
 import json
+import os
 import re
 from pathlib import Path
 
@@ -80,3 +82,28 @@ def test_notebook_has_the_lesson_frame(path):
     assert "assert " in "".join(code[-1]["source"]), (
         f"{path.name}: the last code cell checks nothing"
     )
+
+
+def test_notebook_03_trains_the_library_defaults(monkeypatch):
+    """Notebook 03's parameters cell spells the defaults out as literals (a flat, readable block):
+    outside quick mode they must be the library's, or the lesson trains another recipe."""
+    import seg_utils as su
+
+    for name in [n for n in os.environ if n.startswith("SEG_")]:
+        monkeypatch.delenv(name)
+    path = next(p for p in NOTEBOOKS if p.name.startswith("03_"))
+    code = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    cell = next("".join(c["source"]) for c in code if "EPOCHS =" in "".join(c["source"]))
+    params: dict = {}
+    exec(cell, params)  # the parameters cell only reads the environment
+    unet = inspect.signature(su.UNet).parameters
+    config, pre = su.TrainConfig(), su.Preprocess()
+    notebook = [params[k] for k in ("IMAGE_SIZE", "WIDTH", "DEPTH", "EPOCHS", "BATCH_SIZE",
+                                    "TRAIN_CROP", "EMA_DECAY", "LR", "SEED", "PRECISION")]  # fmt: skip
+    library = [pre.size, unet["base_width"].default, unet["depth"].default, config.epochs,
+               config.batch_size, config.train_crop, config.ema_decay, config.lr, config.seed,
+               config.precision]  # fmt: skip
+    assert notebook == library, (
+        f"{path.name}'s parameters cell: update its defaults to the library's"
+    )
+    assert su.parse_channels(params["CHANNELS"]) == pre.channels
