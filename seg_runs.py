@@ -39,14 +39,16 @@ def _plain(value):
     return value.tolist() if isinstance(value, (np.generic, np.ndarray)) else value
 
 
-def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write atomically (a temporary file in the same folder, then os.replace), plain types only."""
+def write_atomically(path: str | Path, write) -> None:
+    """write(binary file) into a temporary file of its own in path's folder, then os.replace: a
+    reader never sees half a file, processes writing one path side by side (cross_validate.py
+    --fold K) never share a temporary file, and a hard link to the old file keeps its content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(_plain(state), f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -58,12 +60,14 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             os.remove(tmp)
 
 
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """Write a checkpoint atomically (write_atomically), plain types only."""
+    write_atomically(path, lambda f: torch.save(_plain(state), f))
+
+
 def write_json(path: Path, value) -> None:
-    """Write JSON atomically (path.tmp, then os.replace): a reader never sees half a file, and a
-    hard link to the earlier file keeps its old content instead of being written through."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    """Write JSON atomically (write_atomically)."""
+    write_atomically(path, lambda f: f.write(json.dumps(value, indent=1).encode()))
 
 
 def read_checkpoint(path: str | Path) -> dict:

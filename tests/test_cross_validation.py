@@ -25,6 +25,24 @@ TINY = ["--size", "32", "--width", "4", "--depth", "2", "--epochs", "1", "--batc
 TINY_RECIPE = dict(train_lgg.DEFAULTS, size=32, width=4, depth=2, epochs=1, batch_size=4)  # = TINY
 
 
+def test_fold_processes_side_by_side_never_share_a_temporary_file(tmp_path, monkeypatch):
+    """Every `--fold K` process writes run-dir/folds.json at its start; two starting together
+    once shared folds.json.tmp, and the second os.replace found it gone."""
+    import seg_runs
+
+    path, replace = tmp_path / "folds.json", os.replace
+
+    def another_process_finishes_first(src, dst):
+        monkeypatch.setattr(os, "replace", replace)
+        seg_runs.write_json(path, {"by": "the other process"})
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", another_process_finishes_first)
+    seg_runs.write_json(path, {"by": "this one"})
+    assert json.loads(path.read_text()) == {"by": "this one"}
+    assert [p.name for p in tmp_path.iterdir()] == ["folds.json"]  # no temporary file left
+
+
 def test_folds_cover_every_patient_once_in_near_equal_sizes():
     ids = [f"P{i:02d}" for i in range(11)]
     folds = su.cross_validation_folds(ids + ids[:3], k=5, seed=0)  # duplicates count once
