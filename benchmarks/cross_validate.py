@@ -16,8 +16,9 @@
    threshold 0.5; then, once, the ensemble's (mean probability of the K models) test Dice and each
    fold model's own test Dice (the spread a single run has).
 Everything lands in run-dir/cv_summary.json. A finished fold is skipped, a half-trained one
-resumed; `--fold K` trains fold K only (run folds side by side on several machines, copy the
-fold-k/ folders into one run-dir, then run without --fold to gather). `--with DIR` (repeatable)
+resumed; `--fold K` trains fold K only (run folds side by side as processes on one machine, each
+with its share of OMP_NUM_THREADS, or on several machines, then copy the fold-k/ folders into one
+run-dir), then run without --fold to gather. `--with DIR` (repeatable)
 gathers a bigger ensemble: DIR is another finished cross_validate.py folder of the same folds
 (another recipe, say); fold k's out-of-fold prediction is then the mean of the fold-k models of
 run-dir and every DIR, and all of them score the test patients (notebook 04 follows cv_summary.json).
