@@ -88,8 +88,9 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def _remove_partial_writes(run_dir: Path) -> None:
-    """Delete temporary files that a killed save_checkpoint or _save_run left behind."""
-    for pattern in ("*.pt.*.tmp", "history.json.tmp"):
+    """Delete temporary files that a killed save_checkpoint or _save_run left behind: the names
+    write_atomically gives (<name>.<random>.tmp), and history.json.tmp of older versions."""
+    for pattern in ("*.pt.*.tmp", "history.json.*.tmp", "history.json.tmp"):
         for path in run_dir.glob(pattern):
             path.unlink()
 

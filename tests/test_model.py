@@ -482,7 +482,12 @@ def test_ctrl_c_during_a_checkpoint_write_reports_what_is_on_disk(data, tmp_path
 def test_leftover_temporary_files_are_removed_on_resume(run_a, data, tmp_path):
     last = tmp_path / "last.pt"
     last.write_bytes((run_a["run_dir"] / "last.pt").read_bytes())  # all epochs done
-    for name in ("last.pt.k2x9.tmp", "best.pt.a7b1.tmp", "history.json.tmp"):
+    for name in (
+        "last.pt.k2x9.tmp",
+        "best.pt.a7b1.tmp",
+        "history.json.c3d4.tmp",
+        "history.json.tmp",
+    ):
         (tmp_path / name).write_bytes(b"half a file")
     su.train(new_model(0), data[0], data[1], tmp_path, CONFIG, PRE, resume=True, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
