@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 import seg_files
 import seg_synthetic
 import seg_utils as su
+from seg_runs import write_atomically
 from seg_utils import CHANNELS, FLAIR, CheckpointError, DataError
 
 SLICE_SIZE = 256  # this data set's slices are 256 x 256: NIfTI slices are resampled to it
@@ -499,12 +500,8 @@ def export_onnx(checkpoint, out_path) -> Path:
         ) from e
     program.model.metadata_props["seg_utils.preprocess"] = json.dumps(asdict(pre))
     out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    try:
-        program.save(tmp, external_data=False)
-        tmp.replace(out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    model_bytes = program.model_proto.SerializeToString()  # weights inside: no external data file
+    write_atomically(out_path, lambda f: f.write(model_bytes))  # two exports never share a tmp file
     return out_path
 
 

@@ -402,7 +402,7 @@ def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
         assert np.abs(1 / (1 + np.exp(-logits)) - expected).max() < 1e-3
     meta = session.get_modelmeta().custom_metadata_map  # {key: value} strings
     assert json.loads(meta["seg_utils.preprocess"])["channels"] == [0, 1, 2]
-    assert not list(tmp_path.glob(".*tmp"))
+    assert not list(tmp_path.glob(".*tmp")) and not list(tmp_path.glob("*.tmp"))
 
 
 # ----------------------------------------------------------------------------- site shifts
