@@ -39,13 +39,19 @@ def _plain(value):
     return value.tolist() if isinstance(value, (np.generic, np.ndarray)) else value
 
 
+def _temporary_name(name: str) -> tuple[str, str]:
+    """(prefix, suffix) of write_atomically's temporary files for a file name: <name>.<random>.tmp."""
+    return name + ".", ".tmp"
+
+
 def write_atomically(path: str | Path, write) -> None:
     """write(binary file) into a temporary file of its own in path's folder, then os.replace: a
     reader never sees half a file, processes writing one path side by side (cross_validate.py
     --fold K) never share a temporary file, and a hard link to the old file keeps its content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    prefix, suffix = _temporary_name(path.name)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -89,8 +95,9 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def _remove_partial_writes(run_dir: Path) -> None:
     """Delete temporary files that a killed save_checkpoint or _save_run left behind: the names
-    write_atomically gives (<name>.<random>.tmp), and history.json.tmp of older versions."""
-    for pattern in ("*.pt.*.tmp", "history.json.*.tmp", "history.json.tmp"):
+    write_atomically gives (_temporary_name), and history.json.tmp of older versions."""
+    patterns = ["{}*{}".format(*_temporary_name(name)) for name in ("*.pt", "history.json")]
+    for pattern in (*patterns, "history.json.tmp"):
         for path in run_dir.glob(pattern):
             path.unlink()
 
