@@ -15,7 +15,7 @@ import torch
 
 import seg_utils as su
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--steps", type=int, default=30)  # timed steps per worker count and round
 parser.add_argument("--rounds", type=int, default=3)  # alternating rounds
 parser.add_argument("--size", type=int, default=128)  # training image size

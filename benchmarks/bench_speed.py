@@ -261,7 +261,7 @@ def log(message: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny step counts: a smoke test")
     parser.add_argument("--batch", type=int, default=BATCH, help="images per step")
     parser.add_argument("--size", type=int, default=SIZE, help="image height and width")

@@ -198,7 +198,7 @@ def report(summary: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", default="runs/cv5")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--fold", type=int, help="train this fold only (1-based), then stop")

@@ -23,12 +23,14 @@ import seg_utils as su  # noqa: E402
 
 def main() -> None:
     """Parse the flags, score, print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "checkpoint", type=Path, help="best.pt of a run (notebook 03, train_lgg.py)"
     )
     parser.add_argument("--quick", action="store_true", help="3 test patients: a smoke test")
-    parser.add_argument("--shifts", help=f"comma-separated subset of: {', '.join(sp.SHIFTS)}")
+    parser.add_argument(
+        "--shifts", help=f"comma-separated subset of: {', '.join(sp.SHIFTS)}".replace("%", "%%")
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds every simulated shift")
     parser.add_argument("--split", choices=("test", "val"), default="test",
                         help="val: choose augmentations there, never on test")  # fmt: skip

@@ -124,7 +124,7 @@ def plot(curves: dict, target: float, path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipes", nargs="+", help="recipes, the first is the reference")
     parser.add_argument("--run-dir", default="runs/time_to_dice")
     parser.add_argument("--figure", help="also save the curves as this PNG")

@@ -114,7 +114,7 @@ def train_run(train_records, val_records, run_dir, recipe: dict, resume=False, p
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", default="runs/lgg")
     parser.add_argument("--resume", action="store_true")
     add_recipe_arguments(parser)
