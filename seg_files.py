@@ -11,6 +11,7 @@ The layout (the LGG MRI Segmentation set, and the synthetic stand-in of seg_synt
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from pathlib import Path
 
@@ -120,11 +121,21 @@ def load_split_file(path: str | Path, records: list) -> dict[str, list]:
     return {name: [r for r in records if r.patient in ids] for name, ids in splits.items()}
 
 
+def is_number(value, kind=numbers.Real) -> bool:
+    """True for a number of that kind (NumPy's too), False for a bool, a string or None."""
+    return isinstance(value, kind) and not isinstance(value, (bool, np.bool_))
+
+
+def check_threshold(threshold) -> None:
+    """Raise ValueError unless threshold is a probability cut-off, a number in [0, 1]."""
+    if not is_number(threshold) or not 0 <= threshold <= 1:  # NaN fails too
+        raise ValueError(f"threshold {threshold!r} is not a probability: choose one in [0, 1]")
+
+
 def check_probabilities(prob: np.ndarray, volume, threshold: float) -> None:
     """Raise ValueError unless threshold and every probability of a patient lie in [0, 1] and
     the probabilities have the shape of volume.mask (seg_utils.score_patients checks with it)."""
-    if not 0 <= threshold <= 1:  # NaN fails too
-        raise ValueError(f"threshold {threshold} is not a probability: choose one in [0, 1]")
+    check_threshold(threshold)
     if prob.shape != volume.mask.shape:
         raise ValueError(f"probabilities of {volume.patient} have shape {prob.shape}, its mask "
                          f"{volume.mask.shape}: predict this volume with su.predict_volume")  # fmt: skip

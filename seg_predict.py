@@ -16,8 +16,10 @@ nibabel, onnx and onnxruntime are imported only inside the functions that need t
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -36,7 +38,7 @@ from tqdm.auto import tqdm
 import seg_files
 import seg_synthetic
 import seg_utils as su
-from seg_runs import write_atomically
+from seg_runs import usual_mode, write_atomically
 from seg_utils import CHANNELS, FLAIR, CheckpointError, DataError
 
 SLICE_SIZE = 256  # this data set's slices are 256 x 256: NIfTI slices are resampled to it
@@ -163,22 +165,40 @@ def _stack(paths: list[Path], arrays: list[np.ndarray]) -> np.ndarray:
     return np.stack(arrays)
 
 
+def grey_range(v: np.ndarray) -> tuple[float, float]:
+    """(lo, hi) of a scan's finite voxels to map to 0 and 255: hi its 99.9th percentile (hot
+    voxels lie above), lo 0 or, where it goes below 0, its 0.1th percentile, once a fill value
+    (the minimum, on at least 0.1 % of the voxels: -32768 outside the field of view) is set aside."""
+    low = float(v.min())
+    if low < 0 and np.count_nonzero(v == low) >= 0.001 * v.size:
+        v = v[v != low]  # the fill value becomes background (below lo: 0)
+    if v.size == 0:
+        return 0.0, 0.0
+    return min(float(np.percentile(v, 0.1)), 0.0), float(np.percentile(v, 99.9))
+
+
 def to_uint8(volume: np.ndarray, source: Path) -> np.ndarray:
-    """Any dtype and scale -> uint8 like this set's images: uint8 stays, else 0..p99.9 -> 0..255."""
+    """Any dtype and scale -> uint8 like this set's images: uint8 stays, else grey_range -> 0..255
+    (NaN and infinity count as background)."""
     if volume.dtype == np.uint8:
         values = volume
+    elif not np.issubdtype(volume.dtype, np.number) or np.iscomplexobj(volume):
+        raise DataError(f"{source}: voxels of type {volume.dtype} are not grey levels (colour or "
+                        "complex data?): save the scan as one grey volume")  # fmt: skip
     else:
-        v = np.nan_to_num(volume.astype(np.float32))  # (..., ) any shape
-        lo, hi = min(float(v.min()), 0.0), float(np.percentile(v, 99.9))  # robust to hot voxels
+        with np.errstate(over="ignore", invalid="ignore"):
+            v = volume.astype(np.float32)  # (..., ) any shape; float64 beyond float32 -> inf
+        v[~np.isfinite(v)] = 0
+        lo, hi = grey_range(v)
         values = np.clip((v - lo) / max(hi - lo, 1e-6) * 255, 0, 255).round().astype(np.uint8)
-    if values.max() == 0:
+    if values.min() == values.max():
         raise DataError(f"{source}: the scan holds no signal (all voxels the same): check the file")
     return values
 
 
 def _read_masks(images: list[Path]) -> np.ndarray | None:
     """(D, H, W) 0/1 truth from <name>_mask.<ext> beside every slice, None if there are none."""
-    masks = [next(iter(p.parent.glob(f"{p.stem}_mask.*")), None) for p in images]
+    masks = [next(iter(p.parent.glob(f"{glob.escape(p.stem)}_mask.*")), None) for p in images]
     if not any(masks):
         return None
     if not all(masks):
@@ -220,6 +240,12 @@ def _load_nifti(path: Path):
     nib = _nibabel()
     if not path.is_file() or path.stat().st_size == 0:
         raise DataError(f"{path}: missing or empty file: give the NIfTI volume")
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    if gzipped != path.name.lower().endswith(".gz"):  # nibabel goes by the name
+        right = f"{path.name}.gz" if gzipped else path.name[: -len(".gz")]
+        raise DataError(f"{path}: the file is {'' if gzipped else 'not '}gzip-compressed, its name "
+                        f"says otherwise: rename it {right}")  # fmt: skip
     try:
         image = nib.load(path)
         data = np.asanyarray(image.dataobj)  # stored dtype, or float where the file scales
@@ -298,6 +324,27 @@ def read_nifti(flair: Path, t1=None, t1c=None) -> Scan:
 # ----------------------------------------------------------------------------- predicting
 
 
+def _saved_setting(name: str, value):
+    """A setting as test_metrics.json holds it, in its type, or TypeError (a damaged file)."""
+    default = DEFAULT_SETTINGS[name]
+    if name == "keep_largest" and value == "mass":
+        return value
+    if isinstance(default, bool) != isinstance(value, bool) or not (
+        isinstance(value, bool) or seg_files.is_number(value)
+    ):
+        raise TypeError(f"{name} is {value!r}")
+    return type(default)(value)
+
+
+def check_settings(settings: dict) -> None:
+    """DataError unless threshold and blob rule are ones predict can apply (before any work)."""
+    try:
+        seg_files.check_threshold(settings["threshold"])
+        su.check_blob_rule(settings["min_size"], settings["keep_largest"], settings["drop_ends"])
+    except ValueError as e:
+        raise DataError(f"{e} (the flag, or test_metrics.json beside the checkpoint)") from e
+
+
 def run_settings(checkpoint: Path, **overrides) -> tuple[dict, str]:
     """Threshold, min_size, keep_largest, drop_ends and tta that notebook 04 chose on validation
     (its test_metrics.json beside the checkpoint), else the defaults; then the overrides given."""
@@ -308,12 +355,12 @@ def run_settings(checkpoint: Path, **overrides) -> tuple[dict, str]:
         try:
             record = json.loads(metrics.read_text())
             chosen, evaluated = record["chosen_on_validation"], Path(record["checkpoint"]).name
+            saved = {k: _saved_setting(k, chosen[k]) for k in DEFAULT_SETTINGS if k in chosen}
         except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{metrics} is damaged ({type(e).__name__}): delete it or run "
+            raise CheckpointError(f"{metrics} is damaged ({seg_files.error_gist(e)}): delete it or run "
                                   "notebook 04 again") from e  # fmt: skip
         if evaluated == checkpoint.name:
-            settings |= {k: chosen[k] if chosen[k] == "mass" else type(v)(chosen[k])
-                         for k, v in DEFAULT_SETTINGS.items() if k in chosen}  # fmt: skip
+            settings |= saved
             source = f"{metrics}: chosen on validation by notebook 04"
         else:
             source = f"defaults (threshold 0.5, no post-processing): {metrics} is for {evaluated}"
@@ -401,29 +448,75 @@ def write_results(folder: Path, scan: Scan, image: np.ndarray, pred: np.ndarray)
     return written + ["overlay.png", "summary.json"]
 
 
-def _refuse_results(out: Path, overwrite: bool) -> None:
-    """DataError if `out` holds anything and overwriting was not asked for."""
-    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
-        raise DataError(f"{out} already exists with results in it: choose another --out, or "
-                        "pass --overwrite (overwrite=True) to replace it")  # fmt: skip
+def _not_results(out: Path) -> list[str]:
+    """The names in folder `out` that no earlier predict wrote there (its summary.json lists
+    what it wrote)."""
+    try:
+        listed = set(json.loads((out / "summary.json").read_text())["outputs"]) | {"summary.json"}
+    except (OSError, ValueError, KeyError, TypeError):  # no summary, or not predict's
+        listed = set()
+    return sorted(p.name for p in out.iterdir() if p.name not in listed)
+
+
+def check_out_folder(out: Path, overwrite: bool, keep=()) -> None:
+    """DataError unless predict may write folder `out`: new or empty, or with `overwrite` one
+    holding an earlier predict's results and nothing else; never a file, a folder holding one
+    of `keep` (the input, the checkpoint) or the current folder; somewhere writable."""
+    where = out.resolve()
+    named = [(Path.cwd(), "the current folder")] + [(Path(k), str(k)) for k in keep if k]
+    for path, name in named:
+        if where == path.resolve() or where in path.resolve().parents:
+            raise DataError(f"--out {out} holds {name}: give the results a folder of their own")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise DataError(f"--out {out} is a file or a link, not a folder: choose another --out")
+    if out.exists() and any(out.iterdir()):
+        others = _not_results(out)
+        if others:
+            raise DataError(f"--out {out} holds files predict did not write ({', '.join(others[:3])}"
+                            f"{', ...' if len(others) > 3 else ''}): choose another --out "
+                            "(--overwrite replaces earlier results only)")  # fmt: skip
+        if not overwrite:
+            raise DataError(f"{out} already exists with results in it: choose another --out, or "
+                            "pass --overwrite (overwrite=True) to replace it")  # fmt: skip
+    parent = next(p for p in where.parents if p.exists())  # where out (and its staging) go
+    if not os.access(parent, os.W_OK):
+        raise DataError(f"cannot write in {parent}: choose an --out where you can create files")
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Rename `staging` to `out`; earlier results at `out` go only once the new ones are there,
+    and come back if the rename fails."""
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    old = trash / "old"
+    try:
+        if out.exists():
+            out.rename(old)
+        staging.rename(out)
+    except OSError:
+        if old.exists():
+            old.rename(out)  # the earlier results back where they were
+        trash.rmdir()
+        raise
+    shutil.rmtree(trash)
 
 
 @contextmanager
-def staged_folder(out: Path, overwrite: bool = False):
+def staged_folder(out: Path, overwrite: bool = False, keep=()):
     """Yield an empty folder beside `out` that replaces `out` at the end, or goes on error."""
-    _refuse_results(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    check_out_folder(out, overwrite, keep)
+    staging = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        os.chmod(staging, usual_mode(0o777))  # mkdtemp makes 0700
         yield staging
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        if out.exists():
-            out.rename(trash / "old")  # keep the old results until the new ones are in place
-        staging.rename(out)
-        shutil.rmtree(trash)
-    except BaseException:  # Ctrl-C included: nothing half-written stays
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _swap_in(staging, out)
+    except OSError as e:  # a full disk, a read-only mount
+        raise DataError(f"writing {out} failed ({e.strerror or e}): free space, or choose "
+                        "another --out") from e  # fmt: skip
+    finally:  # Ctrl-C included: nothing half-written stays
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def summarise_prediction(scan: Scan, pred: np.ndarray) -> dict:
@@ -449,10 +542,12 @@ def predict(checkpoint, source, out_dir, t1=None, t1c=None, threshold=None, min_
     mask(s), overlay.png and summary.json to out_dir (atomically); return the summary.
     Settings come from notebook 04's choice unless given here."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    _refuse_results(out_dir, overwrite)  # before any work: fail fast
+    keep = (checkpoint, source, t1, t1c)  # never inside out_dir, which gets replaced
+    check_out_folder(out_dir, overwrite, keep)  # before any work: fail fast
     model, pre, _ = su.load_checkpoint(checkpoint)
     settings, origin = run_settings(checkpoint, threshold=threshold, min_size=min_size,
                                     keep_largest=keep_largest, tta=tta, drop_ends=drop_ends)  # fmt: skip
+    check_settings(settings)
     scan = read_scan(source, t1, t1c)
     image, filled = model_image(scan, pre, checkpoint, fill_missing)
     pred = predict_mask(model, pre, image, settings, progress)
@@ -461,7 +556,7 @@ def predict(checkpoint, source, out_dir, t1=None, t1c=None, threshold=None, min_
                    given_inputs=[CHANNELS[c] for c in scan.present], filled_from_flair=filled,
                    settings=settings, settings_source=origin,
                    preprocess=asdict(pre), **summarise_prediction(scan, pred))  # fmt: skip
-    with staged_folder(out_dir, overwrite) as folder:
+    with staged_folder(out_dir, overwrite, keep) as folder:
         summary["outputs"] = write_results(folder, scan, image, pred)
         (folder / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -484,9 +579,18 @@ def _quiet_export():
         logger.setLevel(level)
 
 
-def export_onnx(checkpoint, out_path) -> Path:
+def export_onnx(checkpoint, out_path, overwrite: bool = False) -> Path:
     """Write the checkpoint's U-Net as ONNX (fp32, dynamic batch): input "image" (B, C, S, S)
-    normalised as predict_prepared does, output "logits" (B, 1, S, S); written atomically."""
+    normalised as predict_prepared does, output "logits" (B, 1, S, S); written atomically, over
+    an existing file only with `overwrite`, never over the checkpoint."""
+    out_path = Path(out_path)
+    if out_path.resolve() == Path(checkpoint).resolve():
+        raise DataError(f"{out_path} is the checkpoint itself: name the ONNX file, e.g. model.onnx")
+    if out_path.is_dir():
+        raise DataError(f"{out_path} is a folder: name the file, e.g. {out_path / 'model.onnx'}")
+    if out_path.exists() and not overwrite:
+        raise DataError(f"{out_path} already exists: choose another name, or pass --overwrite "
+                        "(overwrite=True) to replace it")  # fmt: skip
     model, pre, _ = su.load_checkpoint(checkpoint, torch.device("cpu"))
     model = model.float().to(memory_format=torch.contiguous_format)
     example = torch.zeros(2, len(pre.channels), pre.size, pre.size)  # batch 2: not specialised
@@ -499,9 +603,12 @@ def export_onnx(checkpoint, out_path) -> Path:
             "ONNX export needs onnx and onnxscript: pip install -r requirements.txt"
         ) from e
     program.model.metadata_props["seg_utils.preprocess"] = json.dumps(asdict(pre))
-    out_path = Path(out_path)
     model_bytes = program.model_proto.SerializeToString()  # weights inside: no external data file
-    write_atomically(out_path, lambda f: f.write(model_bytes))  # two exports never share a tmp file
+    try:
+        write_atomically(out_path, lambda f: f.write(model_bytes))  # own tmp file per export
+    except OSError as e:  # a read-only folder, a full disk
+        raise DataError(f"writing {out_path} failed ({e.strerror or e}): choose a folder you can "
+                        "write to") from e  # fmt: skip
     return out_path
 
 
@@ -700,6 +807,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write the model as ONNX (dynamic batch)")
     e.add_argument("checkpoint", type=Path)
     e.add_argument("onnx", type=Path, help="output file, e.g. model.onnx")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     i = sub.add_parser("inputs", help="say which scans a checkpoint needs")
     i.add_argument("checkpoint", type=Path)
     sub.add_parser("data", help="find (or generate) the data set and print where it is")
@@ -724,7 +832,7 @@ def main(argv=None) -> int:
                   + (f", Dice {summary['dice']:.3f}" if "dice" in summary else "")
                   + f"; results in {args.out}/")  # fmt: skip
         elif args.command == "export":
-            print(f"wrote {export_onnx(args.checkpoint, args.onnx)}")
+            print(f"wrote {export_onnx(args.checkpoint, args.onnx, args.overwrite)}")
         else:
             print(
                 f"{args.checkpoint} needs: {needed_inputs(su.load_checkpoint(args.checkpoint)[1])}"

@@ -44,6 +44,14 @@ def _temporary_name(name: str) -> tuple[str, str]:
     return name + ".", ".tmp"
 
 
+def usual_mode(full: int) -> int:
+    """`full` (0o666 for a file, 0o777 for a folder) less this process's umask: the mode open()
+    and mkdir() would give, for what mkstemp and mkdtemp make private (0600, 0700)."""
+    umask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    return full & ~umask
+
+
 def write_atomically(path: str | Path, write) -> None:
     """write(binary file) into a temporary file of its own in path's folder, then os.replace: a
     reader never sees half a file, processes writing one path side by side (cross_validate.py
@@ -57,9 +65,7 @@ def write_atomically(path: str | Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
+        os.chmod(tmp, usual_mode(0o666))  # mkstemp makes 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -81,6 +87,11 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: run notebook 03 (training) first")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive; a truncated one too
+            onnx = " (an ONNX model?)" if path.suffix.lower() == ".onnx" else ""
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint{onnx}: pass best.pt or "
+                                  "last.pt from notebook 03 or train_lgg.py")  # fmt: skip
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle garbage, objects weights_only refuses

@@ -27,6 +27,7 @@ cross-validation folds, fold ensembles) and seg_viewer.py (the mask viewer's wid
 from __future__ import annotations
 
 import copy
+import numbers
 import os
 import random
 import time
@@ -62,6 +63,7 @@ from seg_files import (
     check_probabilities,
     error_gist,
     find_kaggle_dir,
+    is_number,
     load_split_file,
     patient_folders,
     read_tiff,
@@ -719,6 +721,18 @@ def blobs_at_the_ends(labels: np.ndarray, n: int, fraction: float) -> np.ndarray
                      for start, stop in spans], dtype=bool)  # fmt: skip
 
 
+def check_blob_rule(min_size, keep_largest, drop_ends) -> None:
+    """ValueError unless (min_size, keep_largest, drop_ends) is a rule postprocess knows."""
+    if not is_number(min_size, numbers.Integral) or min_size < 0:
+        raise ValueError(f"min_size is a number of voxels, 0 or more, not {min_size!r}")
+    if keep_largest not in (False, True, "mass"):
+        raise ValueError(f'keep_largest is False, True (most voxels) or "mass" (the largest sum of '
+                         f"probabilities), not {keep_largest!r}")  # fmt: skip
+    if not is_number(drop_ends) or not 0 <= drop_ends < 0.5:  # NaN fails too
+        raise ValueError(f"drop_ends is a fraction of the slices at each end, in [0, 0.5), not "
+                         f"{drop_ends!r}")  # fmt: skip
+
+
 def postprocess(binary: np.ndarray, min_size: int = 0, keep_largest: bool | str = False,
                 prob: np.ndarray | None = None, drop_ends: float = 0.0) -> np.ndarray:  # fmt: skip
     """Drop 3D connected components under min_size voxels, or keep only the largest one: the most
@@ -727,14 +741,11 @@ def postprocess(binary: np.ndarray, min_size: int = 0, keep_largest: bool | str 
     end of the stack (bright tissue at the skull base or the vertex), so they cannot be largest."""
     from scipy import ndimage
 
+    check_blob_rule(min_size, keep_largest, drop_ends)
     if min_size <= 0 and not keep_largest and drop_ends <= 0:
         return binary.astype(bool)
-    if keep_largest not in (False, True, "mass") or (keep_largest == "mass" and prob is None):
-        raise ValueError(f'keep_largest is False, True (most voxels) or "mass" (weighs blobs by '
-                         f"probability: pass prob=), not {keep_largest!r}")  # fmt: skip
-    if not 0 <= drop_ends < 0.5:
-        raise ValueError(f"drop_ends is a fraction of the slices at each end, in [0, 0.5), not "
-                         f"{drop_ends}")  # fmt: skip
+    if keep_largest == "mass" and prob is None:
+        raise ValueError('keep_largest="mass" weighs blobs by probability: pass prob=')
     labels, n = ndimage.label(binary)  # 3D: blobs that touch across slices are one
     if n == 0:
         return binary.astype(bool)

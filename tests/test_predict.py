@@ -2,6 +2,9 @@
 ONNX export and the site-shift check, with tiny U-Nets trained on the synthetic set."""
 
 import json
+import os
+import shutil
+import stat
 import subprocess
 import sys
 
@@ -299,16 +302,122 @@ def test_unreadable_and_empty_files_are_refused(checkpoint, patient, tmp_path):
     assert no_leftovers(tmp_path / "out")
 
 
+def test_grey_levels_survive_fill_values_infinities_and_odd_types(tmp_path):
+    """A -32768 fill outside the field of view, or one -inf voxel, once squeezed the tissue into
+    a few grey levels (an empty mask, silently); constant and RGB volumes are refused."""
+    rng = np.random.default_rng(0)
+    clean = rng.uniform(0, 1000, (8, 64, 64)).astype(np.int16)  # (D, H, W) a scan's levels
+    expected = sp.to_uint8(clean, tmp_path)
+    padded = clean.copy()
+    padded[:, :, :8] = -32768  # 12 % of the voxels
+    np.testing.assert_array_equal(sp.to_uint8(padded, tmp_path)[:, :, 8:], expected[:, :, 8:])
+    assert (sp.to_uint8(padded, tmp_path)[:, :, :8] == 0).all()  # the fill is background
+    spiked = clean.astype(np.float32)
+    spiked[0, 0, 0], spiked[0, 0, 1] = -np.inf, np.nan
+    got = sp.to_uint8(spiked, tmp_path)
+    np.testing.assert_array_equal(got.ravel()[2:], expected.ravel()[2:])
+    with pytest.raises(DataError, match=r"holds no signal"):
+        sp.to_uint8(np.full((4, 8, 8), 7.0), tmp_path / "constant.nii")
+    rgb = np.zeros((4, 8, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    with pytest.raises(DataError, match=r"rgb.nii: voxels of type .* not grey levels"):
+        sp.to_uint8(rgb, tmp_path / "rgb.nii")
+
+
+def test_nifti_named_against_its_compression_says_how_to_rename(checkpoint, tmp_path):
+    plain = tmp_path / "scan.nii.gz"  # not gzip-compressed inside
+    write_nifti(tmp_path / "scan.nii", np.ones((16, 16, 4), np.float32), np.eye(3), (1, 1, 1))
+    (tmp_path / "scan.nii").rename(plain)
+    with pytest.raises(
+        DataError, match=r"scan.nii.gz: the file is not gzip-compressed.*rename it scan.nii$"
+    ):
+        su.predict(checkpoint, plain, tmp_path / "out", progress=False)
+
+
+def test_masks_are_found_for_slice_names_with_brackets(checkpoint, patient, tmp_path):
+    vol, _ = patient
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for n, image, mask in zip(vol.slices, vol.image, vol.mask):
+        cv2.imwrite(str(folder / f"scan[{n}].png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(folder / f"scan[{n}]_mask.png"), mask * 255)
+    summary = su.predict(checkpoint, folder, tmp_path / "out", progress=False)
+    assert "dice" in summary  # the glob once read [1] as a character class and found no mask
+
+
+def test_nonsense_settings_are_refused_before_any_work(checkpoint, patient, tmp_path, monkeypatch):
+    monkeypatch.setattr(sp, "read_scan", lambda *a: pytest.fail("read the scan first"))
+    for given, named in [(dict(threshold=-1), "threshold"), (dict(threshold=float("nan")), "threshold"),
+                         (dict(drop_ends=2), "drop_ends"), (dict(drop_ends=-0.5), "drop_ends"),
+                         (dict(min_size=-5), "min_size")]:  # fmt: skip
+        with pytest.raises(DataError, match=named):
+            su.predict(checkpoint, patient[1], tmp_path / "out", progress=False, **given)
+    assert sp.main(["predict", str(checkpoint), str(patient[1]), "--out", str(tmp_path / "o"),
+                    "--threshold", "1.5"]) == 2  # fmt: skip
+
+
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path):
+    for name, content in [("model.onnx", b"\x08\x09onnx bytes"), ("notes.txt", b"hello")]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(
+            CheckpointError, match=rf"{name} is not a PyTorch checkpoint.*best.pt"
+        ) as e:
+            su.load_checkpoint(tmp_path / name)
+        assert "weights_only=False" not in str(e.value)  # no advice to unpickle unsafely
+
+
+def test_out_folder_must_be_writable(checkpoint, patient, tmp_path, monkeypatch):
+    monkeypatch.setattr(sp.os, "access", lambda path, mode: False)  # a read-only mount, say
+    with pytest.raises(DataError, match=r"cannot write in .*choose an --out"):
+        su.predict(checkpoint, patient[1], tmp_path / "out", progress=False)
+
+
 def test_existing_results_are_kept_unless_overwrite(checkpoint, patient, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "summary.json").write_text("{}")
+    su.predict(checkpoint, patient[1], out, tta=False, progress=False)
+    before = (out / "summary.json").read_text()
     with pytest.raises(DataError, match=r"out already exists with results.*--overwrite"):
-        su.predict(checkpoint, patient[1], out, progress=False)
-    assert (out / "summary.json").read_text() == "{}"
-    su.predict(checkpoint, patient[1], out, overwrite=True, progress=False)
-    assert json.loads((out / "summary.json").read_text())["input_kind"] == "patient"
+        su.predict(checkpoint, patient[1], out, tta=True, progress=False)
+    assert (out / "summary.json").read_text() == before
+    su.predict(checkpoint, patient[1], out, tta=True, overwrite=True, progress=False)
+    assert json.loads((out / "summary.json").read_text())["settings"]["tta"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left beside it
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # as mkdir, not mkdtemp's 0700
+
+
+def test_overwrite_replaces_earlier_results_only(checkpoint, patient, tmp_path):
+    """--overwrite once replaced any --out folder whole: the user's files and the input in it."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    with pytest.raises(DataError, match=r"mine holds files predict did not write \(thesis.txt\)"):
+        su.predict(checkpoint, patient[1], mine, overwrite=True, progress=False)
+    assert (mine / "thesis.txt").read_text() == "years of work"
+    results = tmp_path / "results"
+    su.predict(checkpoint, patient[1], results, progress=False)
+    (results / "notes.txt").write_text("mine")  # added by the user: the folder is theirs now
+    with pytest.raises(DataError, match=r"notes.txt"):
+        su.predict(checkpoint, patient[1], results, overwrite=True, progress=False)
+    assert (results / "notes.txt").exists() and (results / "summary.json").exists()
+    a_file = tmp_path / "report.txt"
+    a_file.write_text("data")
+    with pytest.raises(DataError, match=r"report.txt is a file"):
+        su.predict(checkpoint, patient[1], a_file, overwrite=True, progress=False)
+    assert a_file.read_text() == "data"
+
+
+def test_out_folder_may_not_hold_the_input_or_the_checkpoint(checkpoint, patient, tmp_path):
+    scan = tmp_path / "scan"
+    shutil.copytree(patient[1], scan)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(checkpoint, run / "best.pt")
+    for out, held in [(scan, "scan"), (tmp_path, "best.pt"), (run, "best.pt")]:
+        with pytest.raises(DataError, match=rf"holds .*{held}.*a folder of their own"):
+            su.predict(run / "best.pt", scan, out, overwrite=True, progress=False)
+    assert len(list(scan.iterdir())) == len(list(patient[1].iterdir()))
+    assert (run / "best.pt").read_bytes() == checkpoint.read_bytes()
 
 
 # ----------------------------------------------------------------------------- settings
@@ -338,6 +447,12 @@ def test_settings_come_from_notebook_04_and_flags_override(checkpoint, tmp_path)
     (run / "test_metrics.json").write_text("{broken")
     with pytest.raises(CheckpointError, match=r"test_metrics.json is damaged"):
         sp.run_settings(run / "best.pt")
+    for wrong in [dict(keep_largest="false"), dict(threshold="high"), dict(threshold=None),
+                  dict(tta=1), dict(min_size=True)]:  # fmt: skip
+        record["chosen_on_validation"] = chosen | wrong  # "false" once read as True
+        (run / "test_metrics.json").write_text(json.dumps(record))
+        with pytest.raises(CheckpointError, match=r"test_metrics.json is damaged"):
+            sp.run_settings(run / "best.pt")
 
 
 # ----------------------------------------------------------------------------- channels
@@ -403,6 +518,25 @@ def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
     meta = session.get_modelmeta().custom_metadata_map  # {key: value} strings
     assert json.loads(meta["seg_utils.preprocess"])["channels"] == [0, 1, 2]
     assert not list(tmp_path.glob(".*tmp")) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_onnx_export_never_replaces_a_file_unasked_nor_the_checkpoint(checkpoint, tmp_path):
+    pytest.importorskip("onnxscript")
+    copy = tmp_path / "ck.pt"
+    shutil.copy(checkpoint, copy)
+    with pytest.raises(DataError, match=r"ck.pt is the checkpoint itself"):
+        su.export_onnx(copy, copy, overwrite=True)
+    assert copy.read_bytes() == checkpoint.read_bytes()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(DataError, match=r"notes.txt already exists.*--overwrite"):
+        su.export_onnx(copy, notes)
+    assert notes.read_text() == "mine"
+    with pytest.raises(DataError, match=r"is a folder: name the file"):
+        su.export_onnx(copy, tmp_path)
+    assert sp.main(["export", str(copy), str(notes)]) == 2
+    assert sp.main(["export", str(copy), str(notes), "--overwrite"]) == 0
+    assert notes.read_bytes()[:2] != b"mi"
 
 
 # ----------------------------------------------------------------------------- site shifts
