@@ -329,9 +329,8 @@ def _saved_setting(name: str, value):
     default = DEFAULT_SETTINGS[name]
     if name == "keep_largest" and value == "mass":
         return value
-    if isinstance(default, bool) != isinstance(value, bool) or not (
-        isinstance(value, bool) or seg_files.is_number(value)
-    ):
+    right = isinstance(value, bool) if isinstance(default, bool) else seg_files.is_number(value)
+    if not right:  # "false" would read as True, "high" would not read at all
         raise TypeError(f"{name} is {value!r}")
     return type(default)(value)
 
@@ -357,8 +356,8 @@ def run_settings(checkpoint: Path, **overrides) -> tuple[dict, str]:
             chosen, evaluated = record["chosen_on_validation"], Path(record["checkpoint"]).name
             saved = {k: _saved_setting(k, chosen[k]) for k in DEFAULT_SETTINGS if k in chosen}
         except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{metrics} is damaged ({seg_files.error_gist(e)}): delete it or run "
-                                  "notebook 04 again") from e  # fmt: skip
+            raise CheckpointError(f"{metrics} is damaged ({seg_files.error_gist(e)}): delete it "
+                                  "or run notebook 04 again") from e  # fmt: skip
         if evaluated == checkpoint.name:
             settings |= saved
             source = f"{metrics}: chosen on validation by notebook 04"
