@@ -179,7 +179,7 @@ def grey_range(v: np.ndarray) -> tuple[float, float]:
 
 def to_uint8(volume: np.ndarray, source: Path) -> np.ndarray:
     """Any dtype and scale -> uint8 like this set's images: uint8 stays, else grey_range -> 0..255
-    (NaN and infinity count as background)."""
+    (NaN and infinity become 0, background)."""
     if volume.dtype == np.uint8:
         values = volume
     elif not np.issubdtype(volume.dtype, np.number) or np.iscomplexobj(volume):
@@ -188,8 +188,9 @@ def to_uint8(volume: np.ndarray, source: Path) -> np.ndarray:
     else:
         with np.errstate(over="ignore", invalid="ignore"):
             v = volume.astype(np.float32)  # (..., ) any shape; float64 beyond float32 -> inf
-        v[~np.isfinite(v)] = 0
-        lo, hi = grey_range(v)
+        finite = np.isfinite(v)
+        lo, hi = grey_range(v[finite]) if finite.any() else (0.0, 0.0)
+        v[~finite] = lo  # NaN and infinity: background
         values = np.clip((v - lo) / max(hi - lo, 1e-6) * 255, 0, 255).round().astype(np.uint8)
     if values.min() == values.max():
         raise DataError(f"{source}: the scan holds no signal (all voxels the same): check the file")
@@ -329,7 +330,10 @@ def _saved_setting(name: str, value):
     default = DEFAULT_SETTINGS[name]
     if name == "keep_largest" and value == "mass":
         return value
-    right = isinstance(value, bool) if isinstance(default, bool) else seg_files.is_number(value)
+    if isinstance(default, bool):
+        right = isinstance(value, bool)
+    else:  # a whole number where the setting is one (min_size)
+        right = seg_files.is_number(value) and (type(default) is float or float(value).is_integer())
     if not right:  # "false" would read as True, "high" would not read at all
         raise TypeError(f"{name} is {value!r}")
     return type(default)(value)
@@ -454,7 +458,9 @@ def _not_results(out: Path) -> list[str]:
         listed = set(json.loads((out / "summary.json").read_text())["outputs"]) | {"summary.json"}
     except (OSError, ValueError, KeyError, TypeError):  # no summary, or not predict's
         listed = set()
-    return sorted(p.name for p in out.iterdir() if p.name not in listed)
+    system = {".DS_Store", "Thumbs.db", "desktop.ini"}  # a file browser's, not the user's
+    names = [p.name for p in out.iterdir() if p.name not in system and not p.name.startswith("._")]
+    return sorted(name for name in names if name not in listed)
 
 
 def check_out_folder(out: Path, overwrite: bool, keep=()) -> None:
@@ -491,10 +497,11 @@ def _swap_in(staging: Path, out: Path) -> None:
         if out.exists():
             out.rename(old)
         staging.rename(out)
-    except OSError:
-        if old.exists():
+    except BaseException:  # Ctrl-C between the renames too
+        if old.exists() and not out.exists():
             old.rename(out)  # the earlier results back where they were
-        trash.rmdir()
+        if not old.exists():
+            trash.rmdir()  # else the earlier results stay in it, named in the traceback
         raise
     shutil.rmtree(trash)
 
@@ -510,9 +517,9 @@ def staged_folder(out: Path, overwrite: bool = False, keep=()):
         os.chmod(staging, usual_mode(0o777))  # mkdtemp makes 0700
         yield staging
         _swap_in(staging, out)
-    except OSError as e:  # a full disk, a read-only mount
-        raise DataError(f"writing {out} failed ({e.strerror or e}): free space, or choose "
-                        "another --out") from e  # fmt: skip
+    except OSError as e:  # a full disk, a read-only mount, a path that cannot be a folder
+        raise DataError(f"writing the results to {out} failed ({e}): check that path, its "
+                        "permissions and the free space, or choose another --out") from e  # fmt: skip
     finally:  # Ctrl-C included: nothing half-written stays
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -540,7 +547,7 @@ def predict(checkpoint, source, out_dir, t1=None, t1c=None, threshold=None, min_
     """Segment a new scan `source` (patient folder, slice folder or NIfTI FLAIR): write its
     mask(s), overlay.png and summary.json to out_dir (atomically); return the summary.
     Settings come from notebook 04's choice unless given here."""
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    checkpoint, out_dir = Path(checkpoint), Path(os.path.abspath(out_dir))  # "new/.." as its parent
     keep = (checkpoint, source, t1, t1c)  # never inside out_dir, which gets replaced
     check_out_folder(out_dir, overwrite, keep)  # before any work: fail fast
     model, pre, _ = su.load_checkpoint(checkpoint)
@@ -606,8 +613,8 @@ def export_onnx(checkpoint, out_path, overwrite: bool = False) -> Path:
     try:
         write_atomically(out_path, lambda f: f.write(model_bytes))  # own tmp file per export
     except OSError as e:  # a read-only folder, a full disk
-        raise DataError(f"writing {out_path} failed ({e.strerror or e}): choose a folder you can "
-                        "write to") from e  # fmt: skip
+        raise DataError(f"writing {out_path} failed ({e}): check that path, its permissions and "
+                        "the free space") from e  # fmt: skip
     return out_path
 
 

@@ -87,6 +87,8 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: run notebook 03 (training) first")
+    if path.stat().st_size < 4:
+        raise CheckpointError(f"{path} is empty or cut short: copy it again (or train again)")
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive; a truncated one too
             onnx = " (an ONNX model?)" if path.suffix.lower() == ".onnx" else ""

@@ -724,7 +724,7 @@ def blobs_at_the_ends(labels: np.ndarray, n: int, fraction: float) -> np.ndarray
 def check_blob_rule(min_size, keep_largest, drop_ends) -> None:
     """ValueError unless (min_size, keep_largest, drop_ends) is a rule postprocess knows."""
     if not is_number(min_size, numbers.Integral) or min_size < 0:
-        raise ValueError(f"min_size is a number of voxels, 0 or more, not {min_size!r}")
+        raise ValueError(f"min_size is a whole number of voxels, 0 or more, not {min_size!r}")
     if keep_largest not in (False, True, "mass"):
         raise ValueError(f'keep_largest is False, True (most voxels) or "mass" (the largest sum of '
                          f"probabilities), not {keep_largest!r}")  # fmt: skip

@@ -100,14 +100,12 @@ def _run(script, *args, data):
 def test_every_benchmark_script_answers_help_with_its_whole_first_paragraph():
     """`--help` of every benchmarks/*.py exits 0 (a % in a help text once made site_shift.py's
     crash) and shows its docstring's first paragraph whole (it was cut at the first line)."""
-    scripts = sorted((REPO_ROOT / "benchmarks").glob("*.py"))
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    running = {script: subprocess.Popen([sys.executable, str(script), "--help"], env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for script in scripts}  # fmt: skip
-    for script, process in running.items():
-        out, err = process.communicate(timeout=300)
-        assert process.returncode == 0, f"{script.name} --help: {err[-1500:]}"
+    for script in sorted((REPO_ROOT / "benchmarks").glob("*.py")):
+        done = subprocess.run([sys.executable, str(script), "--help"], env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        out = done.stdout
+        assert done.returncode == 0, f"{script.name} --help: {done.stderr[-1500:]}"
         paragraph = ast.get_docstring(ast.parse(script.read_text())).split("\n\n")[0]
         no_spaces = "".join(paragraph.split())  # argparse re-wraps it, breaking at hyphens too
         assert no_spaces in "".join(out.split()), f"{script.name}: {out[:600]}"

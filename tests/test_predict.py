@@ -316,6 +316,9 @@ def test_grey_levels_survive_fill_values_infinities_and_odd_types(tmp_path):
     spiked[0, 0, 0], spiked[0, 0, 1] = -np.inf, np.nan
     got = sp.to_uint8(spiked, tmp_path)
     np.testing.assert_array_equal(got.ravel()[2:], expected.ravel()[2:])
+    shifted = rng.normal(0, 1, (8, 32, 32)).astype(np.float32)  # a z-scored scan: lo below 0
+    shifted[:, :, :4] = np.nan
+    assert (sp.to_uint8(shifted, tmp_path)[:, :, :4] == 0).all()  # background, not mid-grey
     with pytest.raises(DataError, match=r"holds no signal"):
         sp.to_uint8(np.full((4, 8, 8), 7.0), tmp_path / "constant.nii")
     rgb = np.zeros((4, 8, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
@@ -356,6 +359,9 @@ def test_nonsense_settings_are_refused_before_any_work(checkpoint, patient, tmp_
 
 
 def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path):
+    (tmp_path / "best.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"best.pt is empty or cut short: copy it again"):
+        su.load_checkpoint(tmp_path / "best.pt")
     for name, content in [("model.onnx", b"\x08\x09onnx bytes"), ("notes.txt", b"hello")]:
         (tmp_path / name).write_bytes(content)
         with pytest.raises(
@@ -363,6 +369,25 @@ def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path):
         ) as e:
             su.load_checkpoint(tmp_path / name)
         assert "weights_only=False" not in str(e.value)  # no advice to unpickle unsafely
+
+
+def test_interrupted_swap_keeps_the_earlier_results(checkpoint, patient, tmp_path, monkeypatch):
+    """Ctrl-C between moving the old results aside and moving the new ones in once left neither."""
+    out = tmp_path / "out"
+    su.predict(checkpoint, patient[1], out, progress=False)
+    before = (out / "summary.json").read_text()
+    rename = type(out).rename
+
+    def interrupted(self, target):
+        if self.name.startswith(".out.") and not self.name.startswith(".out.old."):
+            raise KeyboardInterrupt  # the staging folder's move into place
+        return rename(self, target)
+
+    monkeypatch.setattr(type(out), "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        su.predict(checkpoint, patient[1], out, tta=True, overwrite=True, progress=False)
+    assert (out / "summary.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_out_folder_must_be_writable(checkpoint, patient, tmp_path, monkeypatch):
@@ -400,6 +425,9 @@ def test_overwrite_replaces_earlier_results_only(checkpoint, patient, tmp_path):
     with pytest.raises(DataError, match=r"notes.txt"):
         su.predict(checkpoint, patient[1], results, overwrite=True, progress=False)
     assert (results / "notes.txt").exists() and (results / "summary.json").exists()
+    (results / "notes.txt").unlink()
+    (results / ".DS_Store").write_bytes(b"")  # a file browser looked at the results
+    su.predict(checkpoint, patient[1], results, overwrite=True, progress=False)
     a_file = tmp_path / "report.txt"
     a_file.write_text("data")
     with pytest.raises(DataError, match=r"report.txt is a file"):
@@ -407,7 +435,9 @@ def test_overwrite_replaces_earlier_results_only(checkpoint, patient, tmp_path):
     assert a_file.read_text() == "data"
 
 
-def test_out_folder_may_not_hold_the_input_or_the_checkpoint(checkpoint, patient, tmp_path):
+def test_out_folder_may_not_hold_the_input_or_the_checkpoint(
+    checkpoint, patient, tmp_path, monkeypatch
+):
     scan = tmp_path / "scan"
     shutil.copytree(patient[1], scan)
     run = tmp_path / "run"
@@ -416,6 +446,9 @@ def test_out_folder_may_not_hold_the_input_or_the_checkpoint(checkpoint, patient
     for out, held in [(scan, "scan"), (tmp_path, "best.pt"), (run, "best.pt")]:
         with pytest.raises(DataError, match=rf"holds .*{held}.*a folder of their own"):
             su.predict(run / "best.pt", scan, out, overwrite=True, progress=False)
+    monkeypatch.chdir(scan.parent / "run")
+    with pytest.raises(DataError, match=r"holds the current folder"):
+        su.predict(checkpoint, scan, ".", overwrite=True, progress=False)
     assert len(list(scan.iterdir())) == len(list(patient[1].iterdir()))
     assert (run / "best.pt").read_bytes() == checkpoint.read_bytes()
 
@@ -448,7 +481,7 @@ def test_settings_come_from_notebook_04_and_flags_override(checkpoint, tmp_path)
     with pytest.raises(CheckpointError, match=r"test_metrics.json is damaged"):
         sp.run_settings(run / "best.pt")
     for wrong in [dict(keep_largest="false"), dict(threshold="high"), dict(threshold=None),
-                  dict(tta=1), dict(min_size=True)]:  # fmt: skip
+                  dict(tta=1), dict(min_size=True), dict(min_size=1000.7)]:  # fmt: skip
         record["chosen_on_validation"] = chosen | wrong  # "false" once read as True
         (run / "test_metrics.json").write_text(json.dumps(record))
         with pytest.raises(CheckpointError, match=r"test_metrics.json is damaged"):
