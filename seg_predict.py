@@ -380,7 +380,7 @@ def model_image(scan: Scan, pre: su.Preprocess, checkpoint: Path, fill_missing=N
         return scan.image, []
     if fill_missing == "flair" and FLAIR in scan.present:
         image = scan.image.copy()
-        image[..., missing] = image[..., [FLAIR]]  # a stand-in the model never saw in training
+        image[..., missing] = image[..., [FLAIR]]  # as in 6 of the LGG set's 110 patients
         return image, [CHANNELS[c] for c in missing]
     given = ", ".join(CHANNELS[c] for c in scan.present)
     if scan.kind == "nifti":
@@ -390,6 +390,20 @@ def model_image(scan: Scan, pre: su.Preprocess, checkpoint: Path, fill_missing=N
     raise DataError(f"{checkpoint} needs {needed_inputs(pre)} but {scan.source} gives {given}: "
                     f"add {add}; or pass --fill-missing flair (copies FLAIR into the missing "
                     "channels: expect worse masks); or use a FLAIR-only checkpoint")  # fmt: skip
+
+
+def channel_warnings(scan: Scan, pre: su.Preprocess) -> list[str]:
+    """A note where the channels the model reads are all identical, as in a grey scan saved as
+    RGB: the model then works from FLAIR alone (the LGG set holds FLAIR copies in place of both
+    other scans for 6 of its 110 patients)."""
+    read = list(pre.channels)
+    image = scan.image[..., read]  # (D, H, W, C)
+    if len(read) < 2 or any(c not in scan.present for c in read) or (image != image[..., :1]).any():
+        return []
+    names = ", ".join(CHANNELS[c] for c in read)
+    return [f"{scan.source}: its {names} channels are identical (a grey scan saved as RGB?): the "
+            "model then works from FLAIR alone, as it did for the 6 of the LGG set's 110 patients "
+            "whose other scans are missing; give the other scans if you have them"]  # fmt: skip
 
 
 def predict_mask(model, pre: su.Preprocess, image: np.ndarray, settings: dict, progress=True):
@@ -561,6 +575,7 @@ def predict(checkpoint, source, out_dir, t1=None, t1c=None, threshold=None, min_
                    checkpoint=str(checkpoint), model_inputs=needed_inputs(pre),
                    given_inputs=[CHANNELS[c] for c in scan.present], filled_from_flair=filled,
                    settings=settings, settings_source=origin,
+                   warnings=[] if filled else channel_warnings(scan, pre),
                    preprocess=asdict(pre), **summarise_prediction(scan, pred))  # fmt: skip
     with staged_folder(out_dir, overwrite, keep) as folder:
         summary["outputs"] = write_results(folder, scan, image, pred)
@@ -832,6 +847,8 @@ def main(argv=None) -> int:
                               args.threshold, args.min_size, args.keep_largest, args.tta,
                               args.fill_missing, args.overwrite, not args.quiet,
                               args.drop_ends)  # fmt: skip
+            for warning in summary["warnings"]:
+                print(f"warning: {warning}", file=sys.stderr)
             size = summary.get("tumour_volume_ml")
             print(f"{summary['tumour_slice_count']} of {summary['slices']} slices with tumour"
                   + (f", {size:.2f} mL" if size is not None else f", {summary['tumour_pixels']} px")

@@ -128,6 +128,22 @@ def test_slice_folder_three_channel_png_matches_the_patient_folder(checkpoint, p
     assert summary["input_kind"] == "slices" and "dice" not in summary
 
 
+def test_grey_slices_saved_as_rgb_are_predicted_with_a_warning(checkpoint, patient, tmp_path):
+    vol, _ = patient
+    folder = tmp_path / "grey"
+    folder.mkdir()
+    for n, image in zip(vol.slices, vol.image):  # FLAIR in all three channels
+        cv2.imwrite(
+            str(folder / f"scan-{n}.png"), np.repeat(image[..., su.FLAIR : su.FLAIR + 1], 3, 2)
+        )
+    summary = su.predict(checkpoint, folder, tmp_path / "out", progress=False)
+    assert len(summary["warnings"]) == 1 and "channels are identical" in summary["warnings"][0]
+    right = su.predict(
+        checkpoint, write_slices(vol, tmp_path / "rgb"), tmp_path / "o2", progress=False
+    )
+    assert right["warnings"] == []
+
+
 def test_flair_only_slices_with_a_flair_checkpoint(flair_checkpoint, patient, tmp_path):
     vol, _ = patient
     folder = write_slices(vol, tmp_path / "slices", flair_only=True)
