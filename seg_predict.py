@@ -169,10 +169,9 @@ def grey_range(v: np.ndarray) -> tuple[float, float]:
     """(lo, hi) of a scan's finite voxels to map to 0 and 255: hi its 99.9th percentile (hot
     voxels lie above), lo 0 or, where it goes below 0, its 0.1th percentile, once a fill value
     (the minimum, on at least 0.1 % of the voxels: -32768 outside the field of view) is set aside."""
-    low = float(v.min())
-    if low < 0 and np.count_nonzero(v == low) >= 0.001 * v.size:
-        v = v[v != low]  # the fill value becomes background (below lo: 0)
-    if v.size == 0:
+    if v.size and v.min() < 0 and np.count_nonzero(v == v.min()) >= 0.001 * v.size:
+        v = v[v != v.min()]  # the fill value becomes background (below lo: 0)
+    if v.size == 0:  # nothing finite, or nothing but the fill value
         return 0.0, 0.0
     return min(float(np.percentile(v, 0.1)), 0.0), float(np.percentile(v, 99.9))
 
@@ -189,7 +188,7 @@ def to_uint8(volume: np.ndarray, source: Path) -> np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):
             v = volume.astype(np.float32)  # (..., ) any shape; float64 beyond float32 -> inf
         finite = np.isfinite(v)
-        lo, hi = grey_range(v[finite]) if finite.any() else (0.0, 0.0)
+        lo, hi = grey_range(v[finite])
         v[~finite] = lo  # NaN and infinity: background
         values = np.clip((v - lo) / max(hi - lo, 1e-6) * 255, 0, 255).round().astype(np.uint8)
     if values.min() == values.max():

@@ -1,8 +1,8 @@
 """seg_predict: predict on a patient folder, a slice folder and NIfTI, bad inputs, channels,
 ONNX export and the site-shift check, with tiny U-Nets trained on the synthetic set."""
 
+import dataclasses
 import json
-import os
 import shutil
 import stat
 import subprocess
@@ -108,12 +108,15 @@ def test_drop_ends_can_be_given_to_predict_and_on_the_command_line(checkpoint, p
     assert args.drop_ends == 0.2
 
 
-def write_slices(vol, folder, flair_only=False):
-    """Slices as PNGs named scan-<n>.png (unpadded: 10 after 9), in the set's channel order."""
+def write_slices(vol, folder, flair_only=False, name="scan-{}", masks=False):
+    """Slices as PNGs named scan-<n>.png (unpadded: 10 after 9), in the set's channel order;
+    with `masks`, <name>_mask.png beside each."""
     folder.mkdir()
-    for n, image in zip(vol.slices, vol.image):
+    for n, image, mask in zip(vol.slices, vol.image, vol.mask):
         pixels = image[..., su.FLAIR] if flair_only else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-        cv2.imwrite(str(folder / f"scan-{n}.png"), pixels)
+        cv2.imwrite(str(folder / f"{name.format(n)}.png"), pixels)
+        if masks:
+            cv2.imwrite(str(folder / f"{name.format(n)}_mask.png"), mask * 255)
     return folder
 
 
@@ -130,12 +133,8 @@ def test_slice_folder_three_channel_png_matches_the_patient_folder(checkpoint, p
 
 def test_grey_slices_saved_as_rgb_are_predicted_with_a_warning(checkpoint, patient, tmp_path):
     vol, _ = patient
-    folder = tmp_path / "grey"
-    folder.mkdir()
-    for n, image in zip(vol.slices, vol.image):  # FLAIR in all three channels
-        cv2.imwrite(
-            str(folder / f"scan-{n}.png"), np.repeat(image[..., su.FLAIR : su.FLAIR + 1], 3, 2)
-        )
+    grey = dataclasses.replace(vol, image=vol.image[..., [su.FLAIR] * 3])
+    folder = write_slices(grey, tmp_path / "grey")  # FLAIR in all three channels
     summary = su.predict(checkpoint, folder, tmp_path / "out", progress=False)
     assert len(summary["warnings"]) == 1 and "channels are identical" in summary["warnings"][0]
     right = su.predict(
@@ -353,12 +352,7 @@ def test_nifti_named_against_its_compression_says_how_to_rename(checkpoint, tmp_
 
 
 def test_masks_are_found_for_slice_names_with_brackets(checkpoint, patient, tmp_path):
-    vol, _ = patient
-    folder = tmp_path / "slices"
-    folder.mkdir()
-    for n, image, mask in zip(vol.slices, vol.image, vol.mask):
-        cv2.imwrite(str(folder / f"scan[{n}].png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-        cv2.imwrite(str(folder / f"scan[{n}]_mask.png"), mask * 255)
+    folder = write_slices(patient[0], tmp_path / "slices", name="scan[{}]", masks=True)
     summary = su.predict(checkpoint, folder, tmp_path / "out", progress=False)
     assert "dice" in summary  # the glob once read [1] as a character class and found no mask
 
@@ -422,9 +416,9 @@ def test_existing_results_are_kept_unless_overwrite(checkpoint, patient, tmp_pat
     su.predict(checkpoint, patient[1], out, tta=True, overwrite=True, progress=False)
     assert json.loads((out / "summary.json").read_text())["settings"]["tta"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left beside it
-    umask = os.umask(0)
-    os.umask(umask)
-    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # as mkdir, not mkdtemp's 0700
+    (tmp_path / "made").mkdir()  # the mode mkdir gives here, not mkdtemp's private 0700
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE((tmp_path / "made").stat().st_mode)
+    (tmp_path / "made").rmdir()
 
 
 def test_overwrite_replaces_earlier_results_only(checkpoint, patient, tmp_path):
