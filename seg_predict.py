@@ -143,17 +143,31 @@ def _ordered_slices(folder: Path) -> list[Path]:
 
 
 def _read_image(path: Path) -> np.ndarray:
-    """One slice as (H, W, C), C = 1 (FLAIR) or 3 (CHANNELS order), or DataError."""
+    """One slice as (H, W, C), C = 1 (FLAIR) or 3 (CHANNELS order), an opaque alpha dropped, or
+    DataError."""
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         raise DataError(f"{path}: cannot be read as an image (empty, corrupt or not PNG/TIFF): "
                         "replace it")  # fmt: skip
     if image.ndim == 2:
         return image[..., None]
+    if image.shape[2] in (2, 4):  # grey or colour + alpha: OpenCV reads grey + alpha as 4 too
+        image = _without_alpha(image, path)
+    if image.shape[2] == 1:
+        return image
     if image.shape[2] != 3:
         raise DataError(f"{path}: {image.shape[2]} channels; the model reads 3 ({', '.join(CHANNELS)} "
                         "stored as RGB, this set's order) or 1 (FLAIR): convert the slices")  # fmt: skip
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)  # OpenCV reads BGR; the set's order is RGB
+
+
+def _without_alpha(image: np.ndarray, path: Path) -> np.ndarray:
+    """(H, W, C) without its last channel, an alpha that must be opaque everywhere, or DataError."""
+    opaque = np.iinfo(image.dtype).max if image.dtype.kind in "ui" else 1.0  # float TIFF: 1
+    if (image[..., -1] != opaque).any():  # see-through pixels: what lies behind them?
+        raise DataError(f"{path}: has transparent pixels (an alpha channel); the model reads opaque "
+                        "slices: save them without transparency")  # fmt: skip
+    return image[..., :-1]
 
 
 def _stack(paths: list[Path], arrays: list[np.ndarray]) -> np.ndarray:
@@ -251,8 +265,8 @@ def _load_nifti(path: Path):
         data = np.asanyarray(image.dataobj)  # stored dtype, or float where the file scales
     except Exception as e:  # nibabel raises many kinds: ImageFileError, EOFError, zlib.error...
         raise DataError(f"{path}: cannot be read as NIfTI ({type(e).__name__}): replace it") from e
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]  # one volume stored as 4D
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]  # one volume stored as 4D or 5D: (x, y, z, 1) or (x, y, z, 1, 1)
     if data.ndim != 3 or min(data.shape) < 2:
         raise DataError(f"{path}: shape {data.shape} is not one 3D scan; give one 3D volume (a "
                         "single 2D slice cannot be normalised like a whole scan)")  # fmt: skip

@@ -284,13 +284,53 @@ def test_nifti_volumes_of_different_shapes_are_refused(checkpoint, patient, tmp_
     assert no_leftovers(tmp_path / "out")
 
 
-def test_channel_counts_the_model_cannot_use_are_refused(checkpoint, patient, tmp_path):
-    folder = tmp_path / "rgba"
+def write_with_alpha(vol, folder, alpha, grey=False):
+    """Slices as PNGs with an alpha channel: RGBA, or with `grey` grey + alpha (FLAIR)."""
+    from PIL import Image  # OpenCV cannot write grey + alpha
+
     folder.mkdir()
-    for n, image in zip(patient[0].slices[:3], patient[0].image):
-        cv2.imwrite(str(folder / f"s{n}.png"), np.dstack([image, image[..., :1]]))
-    with pytest.raises(DataError, match=r"s1.png: 4 channels"):
-        su.predict(checkpoint, folder, tmp_path / "out", progress=False)
+    for n, image in zip(vol.slices, vol.image):
+        colour = image[..., su.FLAIR : su.FLAIR + 1] if grey else image  # (H, W, 1 or 3) RGB
+        pixels = np.dstack([colour, np.broadcast_to(alpha, colour.shape[:2])]).astype(np.uint8)
+        Image.fromarray(pixels, "LA" if grey else "RGBA").save(folder / f"scan-{n}.png")
+    return folder
+
+
+def test_opaque_alpha_is_dropped_and_transparency_refused(checkpoint, patient, tmp_path):
+    vol, _ = patient
+    rgba = su.predict(checkpoint, write_with_alpha(vol, tmp_path / "rgba", 255), tmp_path / "o1",
+                      progress=False)  # fmt: skip
+    rgb = su.predict(
+        checkpoint, write_slices(vol, tmp_path / "rgb"), tmp_path / "o2", progress=False
+    )
+    assert rgba["warnings"] == [] and rgba["tumour_pixels"] == rgb["tumour_pixels"] > 0
+    grey = su.predict(checkpoint, write_with_alpha(vol, tmp_path / "la", 255, grey=True),
+                      tmp_path / "o3", progress=False)  # fmt: skip
+    assert "channels are identical" in grey["warnings"][0]  # read like grey saved as RGB
+    see_through = np.full(vol.image.shape[1:3], 255, np.uint8)
+    see_through[0, 0] = 0
+    with pytest.raises(
+        DataError, match=r"scan-1.png: has transparent pixels.*without transparency"
+    ):
+        su.predict(checkpoint, write_with_alpha(vol, tmp_path / "t", see_through), tmp_path / "o4",
+                   progress=False)  # fmt: skip
+    assert no_leftovers(tmp_path / "o4")
+
+
+def test_nifti_with_trailing_axes_of_one_is_read_as_3d(checkpoint, patient, tmp_path):
+    flair = patient[0].image[..., su.FLAIR].transpose(2, 1, 0).astype(np.float32)  # (x, y, z)
+    paths = [tmp_path / f"{n}.nii.gz" for n in ("x", "x1", "x11", "x2")]
+    for path, array in zip(paths, (flair, flair[..., None], flair[..., None, None],
+                                   np.stack([flair, flair], -1))):  # fmt: skip
+        write_nifti(path, array, np.eye(3), (1, 1, 1))
+    masks = [su.predict(checkpoint, p, tmp_path / p.name[:-7], fill_missing="flair",
+                        progress=False)["tumour_voxels"] for p in paths[:3]]  # fmt: skip
+    assert masks[0] == masks[1] == masks[2]
+    with pytest.raises(DataError, match=r"x2.nii.gz: shape \(.*, 2\) is not one 3D scan"):
+        su.predict(checkpoint, paths[3], tmp_path / "o", fill_missing="flair", progress=False)
+
+
+def test_channel_counts_the_model_cannot_use_are_refused(checkpoint, patient, tmp_path):
     grey = write_slices(patient[0], tmp_path / "grey", flair_only=True)
     with pytest.raises(DataError, match=r"needs pre-contrast .* gives FLAIR: add 3-channel slices"):
         su.predict(checkpoint, grey, tmp_path / "out", progress=False)
