@@ -379,9 +379,28 @@ def test_tumour_weights_all_uniform_and_all_by_area(dataset64):
     for vol in dataset64.volumes:
         n = len(vol.image)
         tumour = vol.mask.reshape(n, -1).any(1)
+        area = vol.mask.reshape(n, -1).sum(1)
         assert np.allclose(even[start : start + n], 1 / n / len(dataset64.volumes))
         assert (by_area[start : start + n][~tumour] == 0).all()
+        assert np.allclose(by_area[start : start + n], area / area.sum() / len(dataset64.volumes))
         start += n
+
+
+def test_tumour_weights_known_answer():
+    """Two patients, half the weight each. A's slices hold 0, 1 and 3 tumour px: with a uniform
+    share of 0.25 a slice weighs 0.75 * its share of A's tumour + 0.25 / 3, so 1/12, 1/12 + 3/16
+    and 1/12 + 9/16, halved. B has no tumour: its 2 slices weigh the same, 1/4 each."""
+
+    def volume(name, areas):
+        mask = np.zeros((len(areas), 4, 4), np.uint8)
+        for z, area in enumerate(areas):
+            mask[z].flat[:area] = 1
+        image = np.zeros((*mask.shape, 3), np.uint8)
+        return su.PreparedVolume(name, image, mask, (0, 4, 0, 4), (4, 4), su.volume_norm(image))
+
+    dataset = su.SliceDataset([volume("A", [0, 1, 3]), volume("B", [0, 0])])
+    expected = [1 / 24, (1 / 12 + 3 / 16) / 2, (1 / 12 + 9 / 16) / 2, 1 / 4, 1 / 4]
+    np.testing.assert_allclose(su.tumour_weights(dataset, 0.25), expected)
 
 
 # ----------------------------------------------------------------------------- bad input

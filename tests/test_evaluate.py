@@ -39,10 +39,16 @@ def test_patient_dice_pooled_and_per_slice_known_answers(two_patients):
     assert a.dice == pytest.approx(2 * 200 / (205 + 200))  # exact tumour + 5 false-positive px
     assert b.dice == pytest.approx(2 * 50 / (50 + 100))  # half of the tumour found
     assert b.precision == 1.0 and b.recall == pytest.approx(0.5)
-    assert a.iou == pytest.approx(200 / 205)
+    assert a.precision == pytest.approx(200 / 205) and a.recall == 1.0
+    assert a.iou == pytest.approx(200 / 205) and b.iou == pytest.approx(50 / 100)
     summary = su.summarise(patients, slices)
     assert summary["patient Dice mean"] == pytest.approx((a.dice + b.dice) / 2)
+    assert summary["patient IoU mean"] == pytest.approx((200 / 205 + 50 / 100) / 2)
+    # pooled over both patients: 250 px found of 300 true, 255 predicted, union 305
     assert summary["pooled Dice"] == pytest.approx(2 * 250 / (255 + 300))
+    assert summary["pooled IoU"] == pytest.approx(250 / 305)
+    assert summary["pooled precision"] == pytest.approx(250 / 255)  # A's 5 false-positive px
+    assert summary["pooled recall"] == pytest.approx(250 / 300)  # B's missed half
     # per-slice Dice over tumour slices only: A's two perfect slices and B's half slice
     assert summary["tumour-slice Dice mean"] == pytest.approx((1 + 1 + 2 / 3) / 3)
     assert summary["pooled Dice"] != pytest.approx(summary["patient Dice mean"])
@@ -184,6 +190,10 @@ def test_bootstrap_interval_contains_the_mean():
     assert lo < values.mean() < hi
     assert su.bootstrap_ci(values) == (lo, hi)  # seeded
     assert su.bootstrap_ci([0.8] * 5) == pytest.approx((0.8, 0.8))
+    # known answer: resampled means of [0, 1] are 0, 0.5, 1 with chances 1/4, 1/2, 1/4, so the
+    # central 60 % reach from 0 to 1 and the central 40 % is 0.5 alone (2000 draws: safe margins)
+    assert su.bootstrap_ci([0.0, 1.0], level=0.6) == (0.0, 1.0)
+    assert su.bootstrap_ci([0.0, 1.0], level=0.4) == (0.5, 0.5)
 
 
 def test_choice_made_on_one_split_is_applied_unchanged_to_the_other():

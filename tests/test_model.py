@@ -270,11 +270,12 @@ def test_training_writes_run_files(run_a, data):
     best_model, _, best_state = su.load_checkpoint(run_dir / "best.pt", torch.device("cpu"))
     assert not best_model.training
     best_dice = max(h["val_dice"] for h in history)
-    assert best_state["history"][-1]["val_dice"] == best_dice
+    best_epoch = 1 + [h["val_dice"] for h in history].index(best_dice)
+    assert best_state["epoch"] == best_epoch and best_state["history"] == history[:best_epoch]
     assert su.validate(best_model, data[1], "fp32") == pytest.approx(best_dice, abs=1e-6)
-    if best_state["epoch"] == CONFIG.epochs:
-        with torch.no_grad():
-            assert torch.allclose(best_model(x), model(x), atol=1e-6)
+    with torch.no_grad():  # last.pt's weights exactly when the best epoch was the last
+        same = torch.allclose(best_model(x), model(x), atol=1e-6)
+    assert same == (best_epoch == CONFIG.epochs), best_epoch
 
 
 def test_moving_average_of_weights_known_answer():
@@ -311,7 +312,11 @@ def test_without_a_moving_average_the_checkpoint_holds_the_trained_weights(data,
     assert su.validate(model, data[1], "fp32") == pytest.approx(history[-1]["val_dice"], abs=1e-6)
 
 
-def test_checkpoint_records_patients_and_refuses_a_leaky_split(run_a, data, synthetic_set):
+@pytest.mark.parametrize("source, target", [("train", "test"), ("train", "val"), ("val", "test")])
+def test_checkpoint_records_patients_and_refuses_a_leaky_split(run_a, data, synthetic_set,
+                                                               source, target):  # fmt: skip
+    """Every way a patient the model trained on (train) or was chosen on (val) can reach the
+    patients it is scored on is refused, naming that patient."""
     state = su.read_checkpoint(run_a["run_dir"] / "best.pt")
     train_set, val = data
     assert state["patients"] == dict(
@@ -320,8 +325,9 @@ def test_checkpoint_records_patients_and_refuses_a_leaky_split(run_a, data, synt
     records = su.scan_dataset(synthetic_set(8, 0))
     su.check_split(state, su.split_by_patient(records, seed=0))  # the split 03 used: fine
     leaky = su.split_by_patient(records, seed=0)
-    leaky["test"] = leaky["test"] + leaky["train"][:1]  # one training patient in the test set
-    with pytest.raises(su.DataError, match="SEG_SPLIT_SEED"):
+    leaked = leaky[source][0].patient
+    leaky[target] = leaky[target] + [r for r in leaky[source] if r.patient == leaked]
+    with pytest.raises(su.DataError, match=rf"1 evaluation patients \({leaked}, .*SEG_SPLIT_SEED"):
         su.check_split(state, leaky)
 
 

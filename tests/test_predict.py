@@ -10,6 +10,7 @@ import sys
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -317,17 +318,22 @@ def test_opaque_alpha_is_dropped_and_transparency_refused(checkpoint, patient, t
     assert no_leftovers(tmp_path / "o4")
 
 
-def test_nifti_with_trailing_axes_of_one_is_read_as_3d(checkpoint, patient, tmp_path):
+def test_nifti_with_trailing_axes_of_one_is_read_as_3d(flair_checkpoint, patient, tmp_path):
     flair = patient[0].image[..., su.FLAIR].transpose(2, 1, 0).astype(np.float32)  # (x, y, z)
     paths = [tmp_path / f"{n}.nii.gz" for n in ("x", "x1", "x11", "x2")]
     for path, array in zip(paths, (flair, flair[..., None], flair[..., None, None],
                                    np.stack([flair, flair], -1))):  # fmt: skip
         write_nifti(path, array, np.eye(3), (1, 1, 1))
-    masks = [su.predict(checkpoint, p, tmp_path / p.name[:-7], fill_missing="flair",
-                        progress=False)["tumour_voxels"] for p in paths[:3]]  # fmt: skip
-    assert masks[0] == masks[1] == masks[2]
+    read = [sp.read_scan(p).image for p in paths[:3]]
+    np.testing.assert_array_equal(read[1], read[0])  # the same slices, not merely a 3D array
+    np.testing.assert_array_equal(read[2], read[0])
+    # the FLAIR-only model: the 3-channel one, given FLAIR for all three inputs, found no tumour
+    # in any of them, so the counts compared 0 == 0 == 0
+    masks = [su.predict(flair_checkpoint, p, tmp_path / p.name[:-7], progress=False)["tumour_voxels"]
+             for p in paths[:3]]  # fmt: skip
+    assert masks[0] == masks[1] == masks[2] > 0
     with pytest.raises(DataError, match=r"x2.nii.gz: shape \(.*, 2\) is not one 3D scan"):
-        su.predict(checkpoint, paths[3], tmp_path / "o", fill_missing="flair", progress=False)
+        su.predict(flair_checkpoint, paths[3], tmp_path / "o", progress=False)
 
 
 def test_channel_counts_the_model_cannot_use_are_refused(checkpoint, patient, tmp_path):
@@ -648,6 +654,15 @@ def test_site_shifts_are_deterministic_and_change_the_scans(checkpoint, patient)
     assert again.loc[vol.patient, names[1]] == scores.loc[vol.patient, names[1]]  # order-free seed
     table = su.site_shift_table(scores)
     assert table.loc["clean", "change vs clean"] == 0.0
+
+
+def test_site_shift_table_known_answer():
+    """Clean Dice 0.8 and 0.6, shifted 0.5 and 0.5: means 0.7 and 0.5, a change of -0.2 (a drop
+    is negative). `clean minus clean` alone is 0 whatever the sign or the mean."""
+    scores = pd.DataFrame({"clean": [0.8, 0.6], "gamma 0.7": [0.5, 0.5]}, index=["P1", "P2"])
+    table = su.site_shift_table(scores)
+    assert table.loc["gamma 0.7"].tolist() == pytest.approx([0.5, -0.2])
+    assert table.loc["clean"].tolist() == pytest.approx([0.7, 0.0])
 
 
 def test_random_site_shifts_draw_each_family_in_its_range_and_are_seeded(patient, monkeypatch):
