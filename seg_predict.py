@@ -165,8 +165,10 @@ def _without_alpha(image: np.ndarray, path: Path) -> np.ndarray:
     """(H, W, C) without its last channel, an alpha that must be opaque everywhere, or DataError."""
     opaque = np.iinfo(image.dtype).max if image.dtype.kind in "ui" else 1.0  # float TIFF: 1
     if (image[..., -1] != opaque).any():  # see-through pixels: what lies behind them?
-        raise DataError(f"{path}: has transparent pixels (an alpha channel); the model reads opaque "
-                        "slices: save them without transparency")  # fmt: skip
+        raise DataError(f"{path}: {image.shape[2]} channels, the last not an opaque alpha (it has "
+                        "transparent pixels, or holds a scan); the model reads 3 channels (" +
+                        ", ".join(CHANNELS) + " stored as RGB) or 1 (FLAIR): save the slices "
+                        "without transparency or convert them")  # fmt: skip
     return image[..., :-1]
 
 

@@ -311,7 +311,8 @@ def test_opaque_alpha_is_dropped_and_transparency_refused(checkpoint, patient, t
     see_through = np.full(vol.image.shape[1:3], 255, np.uint8)
     see_through[0, 0] = 0
     with pytest.raises(
-        DataError, match=r"scan-1.png: has transparent pixels.*without transparency"
+        DataError,
+        match=r"scan-1.png: 4 channels, the last not an opaque alpha.*without transparency",
     ):
         su.predict(checkpoint, write_with_alpha(vol, tmp_path / "t", see_through), tmp_path / "o4",
                    progress=False)  # fmt: skip
