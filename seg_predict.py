@@ -151,14 +151,16 @@ def _read_image(path: Path) -> np.ndarray:
                         "replace it")  # fmt: skip
     if image.ndim == 2:
         return image[..., None]
-    if image.shape[2] in (2, 4):  # grey or colour + alpha: OpenCV reads grey + alpha as 4 too
+    if image.shape[2] in (2, 4):  # grey or colour + alpha: OpenCV reads a grey + alpha PNG as 4
+        # channels (and a grey + alpha TIFF as grey, its alpha unseen)
         image = _without_alpha(image, path)
     if image.shape[2] == 1:
         return image
     if image.shape[2] != 3:
         raise DataError(f"{path}: {image.shape[2]} channels; the model reads 3 ({', '.join(CHANNELS)} "
                         "stored as RGB, this set's order) or 1 (FLAIR): convert the slices")  # fmt: skip
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)  # OpenCV reads BGR; the set's order is RGB
+    return np.ascontiguousarray(image[..., ::-1])  # OpenCV reads BGR; the set's order is RGB
+    # (a reversed axis, not cv2.cvtColor, which refuses int16 and float64 images)
 
 
 def _without_alpha(image: np.ndarray, path: Path) -> np.ndarray:
@@ -267,10 +269,14 @@ def _load_nifti(path: Path):
         data = np.asanyarray(image.dataobj)  # stored dtype, or float where the file scales
     except Exception as e:  # nibabel raises many kinds: ImageFileError, EOFError, zlib.error...
         raise DataError(f"{path}: cannot be read as NIfTI ({type(e).__name__}): replace it") from e
+    shape = data.shape
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]  # one volume stored as 4D or 5D: (x, y, z, 1) or (x, y, z, 1, 1)
+    if data.ndim > 3:
+        raise DataError(f"{path}: shape {shape} holds several volumes or a vector per voxel; give "
+                        "one 3D volume (e.g. nibabel's image.slicer[..., 0], or fslroi)")  # fmt: skip
     if data.ndim != 3 or min(data.shape) < 2:
-        raise DataError(f"{path}: shape {data.shape} is not one 3D scan; give one 3D volume (a "
+        raise DataError(f"{path}: shape {shape} is not one 3D scan; give one 3D volume (a "
                         "single 2D slice cannot be normalised like a whole scan)")  # fmt: skip
     return image, data
 

@@ -270,7 +270,8 @@ def test_training_writes_run_files(run_a, data):
     best_model, _, best_state = su.load_checkpoint(run_dir / "best.pt", torch.device("cpu"))
     assert not best_model.training
     best_dice = max(h["val_dice"] for h in history)
-    best_epoch = 1 + [h["val_dice"] for h in history].index(best_dice)
+    # save_run keeps the LAST epoch of a tie (>=), so the last epoch with the best Dice
+    best_epoch = max(i for i, h in enumerate(history, 1) if h["val_dice"] == best_dice)
     assert best_state["epoch"] == best_epoch and best_state["history"] == history[:best_epoch]
     assert su.validate(best_model, data[1], "fp32") == pytest.approx(best_dice, abs=1e-6)
     with torch.no_grad():  # last.pt's weights exactly when the best epoch was the last

@@ -319,6 +319,20 @@ def test_opaque_alpha_is_dropped_and_transparency_refused(checkpoint, patient, t
     assert no_leftovers(tmp_path / "o4")
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32, np.float64])
+def test_slices_of_any_depth_are_read_in_the_sets_channel_order(tmp_path, dtype):
+    """OpenCV reads B, G, R(, A); the set's order is R, G, B, whatever the sample type (cvtColor
+    refused int16 and float64 TIFFs with a raw cv2.error)."""
+    bgr = np.stack([np.full((4, 4), v, dtype) for v in (10, 20, 30)], -1)  # (H, W, 3) B, G, R
+    opaque = np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else 1.0
+    for name, pixels in (
+        ("rgb.tif", bgr),
+        ("rgba.tif", np.dstack([bgr, np.full((4, 4), opaque, dtype)])),
+    ):
+        assert cv2.imwrite(str(tmp_path / name), pixels)
+        assert sp._read_image(tmp_path / name)[0, 0].tolist() == [30, 20, 10], name
+
+
 def test_nifti_with_trailing_axes_of_one_is_read_as_3d(flair_checkpoint, patient, tmp_path):
     flair = patient[0].image[..., su.FLAIR].transpose(2, 1, 0).astype(np.float32)  # (x, y, z)
     paths = [tmp_path / f"{n}.nii.gz" for n in ("x", "x1", "x11", "x2")]
@@ -333,7 +347,9 @@ def test_nifti_with_trailing_axes_of_one_is_read_as_3d(flair_checkpoint, patient
     masks = [su.predict(flair_checkpoint, p, tmp_path / p.name[:-7], progress=False)["tumour_voxels"]
              for p in paths[:3]]  # fmt: skip
     assert masks[0] == masks[1] == masks[2] > 0
-    with pytest.raises(DataError, match=r"x2.nii.gz: shape \(.*, 2\) is not one 3D scan"):
+    with pytest.raises(
+        DataError, match=r"x2.nii.gz: shape \(.*, 2\) holds several volumes.*one 3D volume"
+    ):
         su.predict(flair_checkpoint, paths[3], tmp_path / "o", progress=False)
 
 
