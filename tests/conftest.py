@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,15 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ["MPLBACKEND"] = "Agg"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def whole_image_volume(image, mask=None, patient="P") -> su.PreparedVolume:
+    """A PreparedVolume of a (D, S, S, 3) uint8 image as it is: no crop, no resize (the box is
+    the whole image); the mask all background unless given."""
+    depth, height, width = image.shape[:3]
+    mask = np.zeros((depth, height, width), np.uint8) if mask is None else mask
+    return su.PreparedVolume(patient, image, mask, (0, height, 0, width), (height, width),
+                             su.volume_norm(image))  # fmt: skip
 
 
 @pytest.fixture(scope="session")

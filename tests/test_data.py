@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import whole_image_volume
 from PIL import Image
 
 import seg_synthetic
@@ -340,8 +341,8 @@ def test_train_transform_keeps_mask_binary_and_aligned():
     image = rng.integers(20, 60, (depth, size, size, 3)).astype(np.uint8)
     image[..., su.FLAIR] = np.where(blob, 255, 40)
     mask = np.repeat(blob[None], depth, 0).astype(np.uint8)
-    norm = su.volume_norm(image)
-    volume = su.PreparedVolume("P", image, mask, (0, size, 0, size), (size, size), norm)
+    volume = whole_image_volume(image, mask)
+    norm = volume.norm
     dataset = su.SliceDataset([volume], su.train_transform(seed=0))
     threshold = (0.5 - norm[2, su.FLAIR]) / norm[3, su.FLAIR]  # half-way, in normalised units
     changed = 0
@@ -395,8 +396,7 @@ def test_tumour_weights_known_answer():
         mask = np.zeros((len(areas), 4, 4), np.uint8)
         for z, area in enumerate(areas):
             mask[z].flat[:area] = 1
-        image = np.zeros((*mask.shape, 3), np.uint8)
-        return su.PreparedVolume(name, image, mask, (0, 4, 0, 4), (4, 4), su.volume_norm(image))
+        return whole_image_volume(np.zeros((*mask.shape, 3), np.uint8), mask, name)
 
     dataset = su.SliceDataset([volume("A", [0, 1, 3]), volume("B", [0, 0])])
     expected = [1 / 24, (1 / 12 + 3 / 16) / 2, (1 / 12 + 9 / 16) / 2, 1 / 4, 1 / 4]

@@ -5,6 +5,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import whole_image_volume
 
 import seg_utils as su
 
@@ -256,12 +257,6 @@ def test_overlay_colours_truth_green_prediction_red_overlap_yellow():
 # ----------------------------------------------------------------------------- TTA, empty sets
 
 
-def prepared(image: np.ndarray) -> su.PreparedVolume:
-    """A PreparedVolume around a (D, S, S, 3) uint8 image, for predict_prepared."""
-    mask = np.zeros(image.shape[:3], np.uint8)
-    return su.PreparedVolume("P", image, mask, (0, 32, 0, 32), (32, 32), su.volume_norm(image))
-
-
 def test_tta_flips_the_mirrored_prediction_back():
     """A pixel-wise model (1x1 convolution) gives the same answer with and without TTA only if
     the mirrored prediction is flipped back; any model with TTA is mirror-symmetric."""
@@ -270,12 +265,15 @@ def test_tta_flips_the_mirrored_prediction_back():
     image[:, :, :8] = 0  # left and right differ
     torch.manual_seed(0)
     pixelwise = torch.nn.Conv2d(3, 1, 1).eval()
-    plain = su.predict_prepared(pixelwise, prepared(image), "fp32", tta=False)
-    np.testing.assert_allclose(su.predict_prepared(pixelwise, prepared(image), "fp32", tta=True),
-                               plain, atol=1e-6)  # fmt: skip
+    volume = whole_image_volume(image)
+    plain = su.predict_prepared(pixelwise, volume, "fp32", tta=False)
+    np.testing.assert_allclose(su.predict_prepared(pixelwise, volume, "fp32", tta=True), plain,
+                               atol=1e-6)  # fmt: skip
     model = su.UNet(base_width=4, depth=2).eval()
-    tta = su.predict_prepared(model, prepared(image), "fp32", tta=True)
-    mirrored = su.predict_prepared(model, prepared(image[:, :, ::-1].copy()), "fp32", tta=True)
+    tta = su.predict_prepared(model, volume, "fp32", tta=True)
+    mirrored = su.predict_prepared(
+        model, whole_image_volume(image[:, :, ::-1].copy()), "fp32", tta=True
+    )
     np.testing.assert_allclose(mirrored, tta[:, :, ::-1], atol=1e-5)
 
 
