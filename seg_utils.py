@@ -607,6 +607,7 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
     device = next(model.parameters()).device
     precision = pick_precision(device, config.precision)
     to_layout(model, precision)
+    net = getattr(model, "_orig_mod", model)  # torch.compile(model) trains; its module is saved
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps = config.epochs * (len(train_set) // config.batch_size)
     if steps == 0:
@@ -617,8 +618,8 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
                       val=[v.patient for v in val_volumes]),
         train_slices=len(train_set),
     )  # fmt: skip
-    average = copy.deepcopy(model) if config.ema_decay else None  # validated and saved, if any
-    history = start_run(run_dir, resume, model, optimizer, scheduler, config, pre, data, average)
+    average = copy.deepcopy(net) if config.ema_decay else None  # validated and saved, if any
+    history = start_run(run_dir, resume, net, optimizer, scheduler, config, pre, data, average)
     weights = tumour_weights(train_set, config.sampling_uniform) if config.tumour_sampling else None
     epochs = tqdm(range(len(history), config.epochs), desc=f"training ({precision})",
                   initial=len(history), total=config.epochs, disable=not progress)  # fmt: skip
@@ -632,7 +633,7 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
             history.append(dict(epoch=epoch + 1, train_loss=loss, val_dice=val_dice,
                                 lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - start))  # fmt: skip
             epochs.set_postfix(loss=f"{loss:.3f}", val_dice=f"{val_dice:.3f}")
-            save_run(run_dir, model, optimizer, scheduler, config, pre, history, precision, data,
+            save_run(run_dir, net, optimizer, scheduler, config, pre, history, precision, data,
                      average)  # fmt: skip
             if on_epoch_end is not None and on_epoch_end(history):
                 break  # the caller's rule said stop (e.g. a Dice reached): last.pt resumes the rest

@@ -357,6 +357,21 @@ def test_resume_equals_uninterrupted_run(run_a, data, tmp_path):
     assert without_time(saved) == without_time(run_a["history"])
 
 
+def test_a_compiled_model_trains_into_checkpoints_of_the_plain_u_net(run_a, data, tmp_path):
+    """torch.compile(model) trains through its wrapper, but the checkpoints hold the U-Net's own
+    weights (not the wrapper's "_orig_mod." keys): they load like any other, equal to the plain run."""
+    compiled = torch.compile(new_model(0), backend="eager")  # dynamo's wrapper, no C++ compiler
+    history = su.train(compiled, *data, tmp_path, CONFIG, PRE, progress=False)
+    for mine, plain in zip(without_time(history), without_time(run_a["history"]), strict=True):
+        assert mine == pytest.approx(plain)
+    for name in ("best.pt", "last.pt"):
+        loaded, _, _ = su.load_checkpoint(tmp_path / name, torch.device("cpu"))
+        plain = su.read_checkpoint(run_a["run_dir"] / name)
+        assert loaded.state_dict().keys() == plain["model_state"].keys()
+        for key, value in plain["model_state"].items():
+            assert torch.allclose(loaded.state_dict()[key].float(), value.float(), atol=1e-5), key
+
+
 def test_resume_without_a_moving_average_equals_uninterrupted_run(data, tmp_path):
     """The default (ema_decay 0): model_state is the trained weights, and resume restores them."""
     config = dataclasses.replace(CONFIG, epochs=2, ema_decay=0.0)
