@@ -373,7 +373,8 @@ def test_a_compiled_model_trains_into_checkpoints_of_the_plain_u_net(run_a, data
 
 
 def test_resume_without_a_moving_average_equals_uninterrupted_run(data, tmp_path):
-    """The default (ema_decay 0): model_state is the trained weights, and resume restores them."""
+    """Without a moving average (ema_decay 0): model_state is the trained weights, and resume
+    restores them."""
     config = dataclasses.replace(CONFIG, epochs=2, ema_decay=0.0)
     straight = su.train(new_model(0), data[0], data[1], tmp_path / "a", config, PRE, progress=False)
 
