@@ -607,7 +607,8 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
     device = next(model.parameters()).device
     precision = pick_precision(device, config.precision)
     to_layout(model, precision)
-    net = getattr(model, "_orig_mod", model)  # torch.compile(model) trains; its module is saved
+    net = getattr(model, "_orig_mod", model)  # torch.compile(model) trains through its wrapper;
+    # net, the U-Net inside, is what checkpoints hold: its own keys, not "_orig_mod.*"
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps = config.epochs * (len(train_set) // config.batch_size)
     if steps == 0:

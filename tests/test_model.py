@@ -357,19 +357,39 @@ def test_resume_equals_uninterrupted_run(run_a, data, tmp_path):
     assert without_time(saved) == without_time(run_a["history"])
 
 
-def test_a_compiled_model_trains_into_checkpoints_of_the_plain_u_net(run_a, data, tmp_path):
-    """torch.compile(model) trains through its wrapper, but the checkpoints hold the U-Net's own
-    weights (not the wrapper's "_orig_mod." keys): they load like any other, equal to the plain run."""
-    compiled = torch.compile(new_model(0), backend="eager")  # dynamo's wrapper, no C++ compiler
-    history = su.train(compiled, *data, tmp_path, CONFIG, PRE, progress=False)
-    for mine, plain in zip(without_time(history), without_time(run_a["history"]), strict=True):
+def compiled(model: nn.Module) -> nn.Module:
+    """torch.compile's real wrapper (keys "_orig_mod.*"), with no C++ compiler needed."""
+    return torch.compile(model, backend="eager")
+
+
+def same_run(run_dir, history, plain_dir, plain_history) -> None:
+    """Histories equal (to rounding), and best.pt / last.pt hold the plain U-Net's weights."""
+    for mine, plain in zip(without_time(history), without_time(plain_history), strict=True):
         assert mine == pytest.approx(plain)
     for name in ("best.pt", "last.pt"):
-        loaded, _, _ = su.load_checkpoint(tmp_path / name, torch.device("cpu"))
-        plain = su.read_checkpoint(run_a["run_dir"] / name)
-        assert loaded.state_dict().keys() == plain["model_state"].keys()
-        for key, value in plain["model_state"].items():
+        loaded, _, _ = su.load_checkpoint(run_dir / name, torch.device("cpu"))
+        plain = su.read_checkpoint(plain_dir / name)["model_state"]
+        assert loaded.state_dict().keys() == plain.keys()
+        for key, value in plain.items():
             assert torch.allclose(loaded.state_dict()[key].float(), value.float(), atol=1e-5), key
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.99])
+def test_a_compiled_model_trains_into_checkpoints_of_the_plain_u_net(data, tmp_path, ema_decay):
+    """torch.compile(model) trains through its wrapper, but the checkpoints hold the U-Net's own
+    weights (not the wrapper's "_orig_mod." keys), with or without a moving average."""
+    config = dataclasses.replace(CONFIG, ema_decay=ema_decay)
+    plain = su.train(new_model(0), *data, tmp_path / "plain", config, PRE, progress=False)
+    mine = su.train(compiled(new_model(0)), *data, tmp_path / "c", config, PRE, progress=False)
+    same_run(tmp_path / "c", mine, tmp_path / "plain", plain)
+
+
+def test_a_compiled_model_resumes_like_an_uninterrupted_run(run_a, data, tmp_path):
+    su.train(compiled(new_model(0)), *data, tmp_path, CONFIG, PRE,
+             on_epoch_end=stop_after_one_epoch, progress=False)  # fmt: skip
+    history = su.train(compiled(new_model(123)), *data, tmp_path, CONFIG, PRE, resume=True,
+                       progress=False)  # fmt: skip
+    same_run(tmp_path, history, run_a["run_dir"], run_a["history"])
 
 
 def test_resume_without_a_moving_average_equals_uninterrupted_run(data, tmp_path):
