@@ -159,8 +159,9 @@ def _read_image(path: Path) -> np.ndarray:
     if image.shape[2] != 3:
         raise DataError(f"{path}: {image.shape[2]} channels; the model reads 3 ({', '.join(CHANNELS)} "
                         "stored as RGB, this set's order) or 1 (FLAIR): convert the slices")  # fmt: skip
-    return np.ascontiguousarray(image[..., ::-1])  # OpenCV reads BGR; the set's order is RGB
-    # (a reversed axis, not cv2.cvtColor, which refuses int16 and float64 images)
+    # OpenCV reads BGR; the set's order is RGB. A reversed axis, not cv2.cvtColor, which refuses
+    # int16 and float64 images
+    return np.ascontiguousarray(image[..., ::-1])
 
 
 def _without_alpha(image: np.ndarray, path: Path) -> np.ndarray:

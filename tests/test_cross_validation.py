@@ -123,13 +123,9 @@ def test_two_fold_cross_validation_end_to_end(synthetic_set, tmp_path):
     assert set(summary["test_ensemble_patient_dice"]) == test and not pool & test
     assert sorted(p for fold in summary["folds"] for p in fold) == sorted(pool)
     assert len(summary["test_per_fold_model"]) == 2 and len(summary["fold_train_seconds"]) == 2
-    cv, test_mean = (
-        summary["cv"]["patient Dice mean"],
-        summary["test_ensemble"]["patient Dice mean"],
-    )
-    assert cv == pytest.approx(
-        summary["chosen_out_of_fold"]["dice"], abs=1e-12
-    )  # the sweep: its Dice
+    cv = summary["cv"]["patient Dice mean"]
+    test_mean = summary["test_ensemble"]["patient Dice mean"]
+    assert cv == pytest.approx(summary["chosen_out_of_fold"]["dice"], abs=1e-12)  # its swept Dice
     # the headline means are the means of the per-patient tables (stored to 4 places)
     assert cv == pytest.approx(np.mean(list(summary["cv_patient_dice"].values())), abs=1e-4)
     assert test_mean == pytest.approx(
