@@ -535,6 +535,11 @@ def random_crops(x: torch.Tensor, y: torch.Tensor, side: int, generator: torch.G
     return torch.stack(xs), torch.stack(ys)  # (B, C, side, side), (B, 1, side, side)
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The U-Net inside torch.compile(model)'s wrapper (keys without "_orig_mod."), or model."""
+    return getattr(model, "_orig_mod", model)
+
+
 @torch.no_grad()
 def update_ema(average: nn.Module, model: nn.Module, decay: float, step: int) -> None:
     """average <- d * average + (1 - d) * model, weights and BatchNorm statistics alike, where
@@ -564,7 +569,8 @@ def _train_one_epoch(model, loader, optimizer, scheduler, precision, config, epo
         seen += len(x)
         scheduler.step()
         if average is not None:
-            update_ema(average, model, config.ema_decay, scheduler.last_epoch)  # steps so far
+            steps = scheduler.last_epoch  # optimisation steps so far
+            update_ema(average, unwrapped(model), config.ema_decay, steps)
         bar.set_postfix(loss=f"{total / seen:.3f}")
     return total / seen
 
@@ -607,8 +613,8 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
     device = next(model.parameters()).device
     precision = pick_precision(device, config.precision)
     to_layout(model, precision)
-    net = getattr(model, "_orig_mod", model)  # torch.compile(model) trains through its wrapper;
-    # net, the U-Net inside, is what checkpoints hold: its own keys, not "_orig_mod.*"
+    net = unwrapped(model)  # torch.compile(model) trains through its wrapper; checkpoints and the
+    # moving average hold the U-Net inside
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps = config.epochs * (len(train_set) // config.batch_size)
     if steps == 0:
