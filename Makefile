@@ -10,7 +10,7 @@ RUN_DIR := runs/latest
 HTML_DIR := runs/html
 NOTEBOOKS = $(sort $(wildcard notebooks/[0-9]*.ipynb))
 VIEWER_PORT ?= 8866
-LINT_PATHS := seg_utils.py seg_files.py seg_synthetic.py seg_runs.py seg_hardware.py seg_draw.py seg_predict.py seg_ensemble.py seg_viewer.py tests benchmarks notebooks
+LINT_PATHS := seg_*.py tests benchmarks notebooks
 
 # Every recipe sees these; LGG_DATA and SEG_* pass through from the caller's environment untouched.
 # MPLBACKEND=Agg is deliberately NOT exported for everything: ipykernel only selects the inline
@@ -45,7 +45,7 @@ $(STAMP): requirements.txt pyproject.toml
 	@touch $@
 
 data: venv
-	$(PY) -m seg_utils data
+	$(VENV)/bin/unet-seg data
 
 run: venv data
 	@mkdir -p $(RUN_DIR)

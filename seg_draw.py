@@ -78,8 +78,13 @@ def show_examples(volumes: list, n: int = 8, seed: int = 0, channel=None, cols=4
             if vol.mask.any()
             else len(vol.mask) // 2
         )
-        draw_overlay(ax, vol.image[z], vol.mask[z], channel=channel,
-                     title=f"{vol.patient} slice {vol.slices[z]}")  # fmt: skip
+        draw_overlay(
+            ax,
+            vol.image[z],
+            vol.mask[z],
+            channel=channel,
+            title=f"{vol.patient} slice {vol.slices[z]}",
+        )
     fig.tight_layout()
     return fig
 

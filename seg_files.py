@@ -48,7 +48,7 @@ def find_kaggle_dir(root: str | Path) -> Path:
     return root
 
 
-_NAME = re.compile(r"^(?P<patient>.+)_(?P<n>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
+SLICE_NAME = re.compile(r"^(?P<patient>.+)_(?P<n>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
 
 
 def _listing(folder: Path) -> list[Path]:
@@ -72,7 +72,7 @@ def slice_files(folder: Path) -> tuple[dict, dict]:
     """{slice number: path} of a patient's images and of its masks (.tif/.tiff, any case)."""
     images, masks = {}, {}
     for path in [p for p in _listing(folder) if p.suffix.lower() in (".tif", ".tiff")]:
-        match = _NAME.match(path.name)
+        match = SLICE_NAME.match(path.name)
         if not match or match["patient"] != folder.name:
             raise DataError(f"{path}: expected {folder.name}_<n>.tif or {folder.name}_<n>_mask.tif")
         found = masks if match["mask"] else images
@@ -106,15 +106,19 @@ def load_split_file(path: str | Path, records: list) -> dict[str, list]:
             name: set(ids) for name, ids in json.loads(Path(path).read_text())["splits"].items()
         }
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise DataError(f"{path} is not a split file ({error_gist(e)}): it must hold "
-                        '{"splits": {"train": [ids], "val": [ids], "test": [ids]}}') from e  # fmt: skip
+        raise DataError(
+            f"{path} is not a split file ({error_gist(e)}): it must hold "
+            '{"splits": {"train": [ids], "val": [ids], "test": [ids]}}'
+        ) from e
     names = list(splits)
     for i, first in enumerate(names):
         for second in names[i + 1 :]:
             both = sorted(splits[first] & splits[second])
             if both:
-                raise DataError(f"{path} puts {both[:3]}... in both {first} and {second}: "
-                                "each patient belongs to one split only")  # fmt: skip
+                raise DataError(
+                    f"{path} puts {both[:3]}... in both {first} and {second}: "
+                    "each patient belongs to one split only"
+                )
     missing = sorted(set().union(*splits.values()) - {r.patient for r in records})
     if missing:
         raise DataError(f"{path} names patients with no data: {missing[:3]}... check LGG_DATA")
@@ -137,8 +141,12 @@ def check_probabilities(prob: np.ndarray, volume, threshold: float) -> None:
     the probabilities have the shape of volume.mask (seg_utils.score_patients checks with it)."""
     check_threshold(threshold)
     if prob.shape != volume.mask.shape:
-        raise ValueError(f"probabilities of {volume.patient} have shape {prob.shape}, its mask "
-                         f"{volume.mask.shape}: predict this volume with su.predict_volume")  # fmt: skip
+        raise ValueError(
+            f"probabilities of {volume.patient} have shape {prob.shape}, its mask "
+            f"{volume.mask.shape}: predict this volume with Segmenter.probabilities"
+        )
     if not (np.isfinite(prob).all() and prob.min() >= 0 and prob.max() <= 1):
-        raise ValueError(f"probabilities of {volume.patient} hold NaN, infinity or values outside "
-                         "[0, 1]: pass sigmoid outputs (su.predict_volumes), not logits")  # fmt: skip
+        raise ValueError(
+            f"probabilities of {volume.patient} hold NaN, infinity or values outside [0, 1]: pass "
+            "sigmoid outputs (Segmenter.probabilities), not logits"
+        )

@@ -1,11 +1,10 @@
 """Run-folder bookkeeping for seg_utils.train: checkpoints written atomically and read safely,
 resume, and earlier runs kept instead of overwritten.
 
-No lesson teaches this file (notebook 03 says what it guarantees); seg_utils.train calls it, and
-`su.save_checkpoint`, `su.read_checkpoint`, `su.check_split` and `su.CheckpointError` are the
-same objects. A run folder holds best.pt, last.pt and history.json (and notebook 04's
-test_metrics.json); a fresh start moves an earlier run to previous-<time>/. Each checkpoint
-records its training and validation patients, which check_split holds an evaluation split against.
+No lesson teaches this file (notebook 03 says what it guarantees); seg_utils.train calls it. A run
+folder holds best.pt, last.pt and history.json; a fresh start moves an earlier run to
+previous-<time>/. A checkpoint is a model file (seg_utils.load_segmenter reads it: its networks,
+each with its Preprocess and patients, and the PostProcess) plus what a resume needs.
 """
 
 from __future__ import annotations
@@ -20,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seg_files import DataError, error_gist
+from seg_files import error_gist
 
-CHECKPOINT_FORMAT = "seg_utils.unet.v1"
+CHECKPOINT_FORMAT = "seg_utils.unet.v2"  # v1 held one network without its post-processing
 
 
 class CheckpointError(ValueError):
@@ -72,9 +71,10 @@ def write_atomically(path: str | Path, write) -> None:
             os.remove(tmp)
 
 
-def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write a checkpoint atomically (write_atomically), plain types only."""
-    write_atomically(path, lambda f: torch.save(_plain(state), f))
+def write_checkpoint(path: str | Path, state: dict) -> None:
+    """Write a model file or checkpoint atomically (write_atomically), plain types only."""
+    state = _plain(dict(state, format=CHECKPOINT_FORMAT))
+    write_atomically(path, lambda f: torch.save(state, f))
 
 
 def write_json(path: Path, value) -> None:
@@ -92,26 +92,33 @@ def read_checkpoint(path: str | Path) -> dict:
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive; a truncated one too
             onnx = " (an ONNX model?)" if path.suffix.lower() == ".onnx" else ""
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint{onnx}: pass best.pt or "
-                                  "last.pt from notebook 03 or train_lgg.py")  # fmt: skip
+            raise CheckpointError(
+                f"{path} is not a PyTorch checkpoint{onnx}: pass best.pt or last.pt from notebook "
+                "03 or train_lgg.py, or a model file of notebook 04 or cross_validate.py"
+            )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle garbage, objects weights_only refuses
-        raise CheckpointError(f"{path} could not be read ({error_gist(e)}). Keep it: copy it again "
-                              "if the copy is incomplete; if you trust a file holding objects that "
-                              "safe loading refuses, torch.load(path, weights_only=False) reads "
-                              "it") from e  # fmt: skip
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} was not written by seg_utils.train ({CHECKPOINT_FORMAT})")
+        raise CheckpointError(
+            f"{path} could not be read ({error_gist(e)}). Keep it: copy it again if the copy is "
+            "incomplete; if you trust a file holding objects that safe loading refuses, "
+            "torch.load(path, weights_only=False) reads it"
+        ) from e
+    found = state.get("format") if isinstance(state, dict) else None
+    if found != CHECKPOINT_FORMAT and str(found).startswith("seg_utils.unet."):
+        raise CheckpointError(
+            f"{path} has the retired format {found}: train it again (notebook 03, "
+            f"benchmarks/train_lgg.py) with this seg_utils, which writes {CHECKPOINT_FORMAT}"
+        )
+    if found != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} was not written by seg_utils ({CHECKPOINT_FORMAT})")
     return state
 
 
 def _remove_partial_writes(run_dir: Path) -> None:
-    """Delete temporary files that a killed save_checkpoint or _save_run left behind: the names
-    write_atomically gives (_temporary_name), and history.json.tmp of older versions."""
-    patterns = ["{}*{}".format(*_temporary_name(name)) for name in ("*.pt", "history.json")]
-    for pattern in (*patterns, "history.json.tmp"):
-        for path in run_dir.glob(pattern):
+    """Delete the temporary files (_temporary_name) that a killed save_run left behind."""
+    for name in ("*.pt", "history.json"):
+        for path in run_dir.glob("{}*{}".format(*_temporary_name(name))):
             path.unlink()
 
 
@@ -140,43 +147,38 @@ def _keep_previous_run(run_dir: Path) -> None:
     print(f"moved the earlier run in {run_dir} to {target} (resume=True continues a run instead)")
 
 
-def _check_same_data(path: Path, state: dict, data: dict) -> None:
-    """Raise CheckpointError if a resume would train on other patients or slices than last.pt:
-    the one-cycle schedule and the record of who trained (check_split) would both go wrong."""
-    if "patients" not in state:  # written before patients were recorded: nothing to compare
-        return
+def _check_same_run(path: Path, state: dict, net, config, data: dict) -> None:
+    """Raise CheckpointError unless last.pt trained this network, Preprocess, TrainConfig (only
+    the stopping rule may change) and data: a resume of anything else would be another run."""
+    saved = state["networks"][0]
     changes = []
+    if saved["config"] != net.config or saved["preprocess"] != data["network"]["preprocess"]:
+        changes.append(f"a U-Net {saved['config']} with {saved['preprocess']}")
+    if dict(state["train_config"], patience=config.patience) != asdict(config):
+        changes.append(f"the parameters {state['train_config']}")
     for name in ("train", "val"):
-        then, now = set(state["patients"][name]), set(data["patients"][name])
+        then, now = set(saved["patients"][name]), set(data["network"]["patients"][name])
         if then != now:
-            changes.append(f"{name} patients added {sorted(now - then)[:3]}, "
-                           f"removed {sorted(then - now)[:3]}")  # fmt: skip
-    if state.get("train_slices", data["train_slices"]) != data["train_slices"]:
-        changes.append(f"{data['train_slices']} training slices, not {state['train_slices']}")
+            changes.append(
+                f"{name} patients {sorted(then - now)[:3]} (now {sorted(now - then)[:3]})"
+            )
+    if state["train_slices"] != data["train_slices"]:
+        changes.append(f"{state['train_slices']} training slices, not {data['train_slices']}")
     if changes:
-        raise CheckpointError(f"{path} trained on other data ({'; '.join(changes)}): resume with "
-                              "the LGG_DATA and SEG_SPLIT_SEED it used, or start a new run")  # fmt: skip
+        raise CheckpointError(
+            f"{path} trained {'; '.join(changes)}: resume with the same model, parameters and "
+            "data (LGG_DATA, split), or start a new run folder"
+        )
 
 
-def _resume(path: Path, model, optimizer, scheduler, config, pre, data, average) -> list[dict]:
-    """Restore model, its moving average, optimiser, schedule and RNG from last.pt; return its
-    history."""
+def _resume(path: Path, net, optimizer, scheduler, config, data, average) -> list[dict]:
+    """Restore the U-Net, its moving average, optimiser, schedule and RNG from last.pt; return
+    its history."""
     state = read_checkpoint(path)
-    saved_pre = asdict(type(pre).from_saved(state["preprocess"]))  # older checkpoints too
-    if state["model_config"] != model.config or saved_pre != asdict(pre):
-        raise CheckpointError(f"{path} holds a model {state['model_config']} with preprocessing "
-                              f"{state['preprocess']}: build the same, or use a new run folder")  # fmt: skip
-    # only the stopping rule may change on resume: compare with the new patience filled in;
-    # checkpoints from before train_crop / sampling_uniform / ema_decay: whole images, 0.1, none
-    before = {"train_crop": 1.0, "sampling_uniform": 0.1, "ema_decay": 0.0}
-    saved = {**before, **state["train_config"], "patience": config.patience}
-    if saved != asdict(config):
-        raise CheckpointError(f"{path} was trained with {state['train_config']}, not {asdict(config)}: "
-                              "use the same parameters, or a new run folder")  # fmt: skip
-    _check_same_data(path, state, data)
-    model.load_state_dict(state.get("live_state", state["model_state"]))
-    if average is not None:  # model_state is the average where there is one
-        average.load_state_dict(state["model_state"])
+    _check_same_run(path, state, net, config, data)
+    net.load_state_dict(state["live_state"])
+    if average is not None:
+        average.load_state_dict(state["networks"][0]["state"])
     optimizer.load_state_dict(state["optimizer_state"])
     scheduler.load_state_dict(state["scheduler_state"])
     torch.set_rng_state(state["torch_rng"])
@@ -184,13 +186,12 @@ def _resume(path: Path, model, optimizer, scheduler, config, pre, data, average)
     return state["history"]
 
 
-def start_run(run_dir: Path, resume: bool, model, optimizer, scheduler, config, pre, data,
-              average=None) -> list:  # fmt: skip
+def start_run(run_dir: Path, resume: bool, net, optimizer, scheduler, config, data, average):
     """Clear half-written files, then resume from last.pt (its history) or set an earlier run
     aside and start afresh (an empty history)."""
     _remove_partial_writes(run_dir)
     if resume and (run_dir / "last.pt").exists():
-        return _resume(run_dir / "last.pt", model, optimizer, scheduler, config, pre, data, average)
+        return _resume(run_dir / "last.pt", net, optimizer, scheduler, config, data, average)
     if resume:
         print(f"nothing to resume: {run_dir / 'last.pt'} does not exist; starting a new run")
     _keep_previous_run(run_dir)
@@ -202,23 +203,29 @@ def _weights(model) -> dict:
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
-def save_run(run_dir, model, optimizer, scheduler, config, pre, history, precision, data,
-             average=None) -> None:  # fmt: skip
-    """Write last.pt, best.pt when validation Dice improved, and history.json (all atomic).
-    model_state holds the validated weights: the moving average where there is one; the
-    trained weights go to live_state then, for a resume."""
+def save_run(run_dir, net, optimizer, scheduler, config, history, precision, data, average):
+    """Write last.pt, best.pt when validation Dice improved, and history.json (all atomic). The
+    network's state is the validated weights (the moving average, where there is one);
+    live_state the trained weights, for a resume. `data` is train()'s record of the network
+    (config, Preprocess, patients), the default PostProcess and the training slice count."""
+    validated = net if average is None else average
     state = dict(
-        **data,  # patients {"train": [...], "val": [...]} and train_slices: see train()
-        format=CHECKPOINT_FORMAT, model_config=model.config,
-        model_state=_weights(model if average is None else average),
-        **({} if average is None else {"live_state": _weights(model)}),
-        optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
-        epoch=len(history), history=history, train_config=asdict(config),
-        preprocess=asdict(pre), precision=precision, torch_rng=torch.get_rng_state(),
-    )  # fmt: skip
+        networks=[dict(data["network"], state=_weights(validated))],
+        postprocess=data["postprocess"],
+        chosen_on="defaults",
+        live_state=_weights(net),
+        optimizer_state=optimizer.state_dict(),
+        scheduler_state=scheduler.state_dict(),
+        epoch=len(history),
+        history=history,
+        train_config=asdict(config),
+        precision=precision,
+        torch_rng=torch.get_rng_state(),
+        train_slices=data["train_slices"],
+    )
     if history[-1]["val_dice"] >= max(h["val_dice"] for h in history):
-        save_checkpoint(state, run_dir / "best.pt")
-    save_checkpoint(state, run_dir / "last.pt")
+        write_checkpoint(run_dir / "best.pt", state)
+    write_checkpoint(run_dir / "last.pt", state)
     write_json(run_dir / "history.json", history)
 
 
@@ -229,18 +236,3 @@ def on_disk_after_interrupt(run_dir: Path) -> str:
         return f"Interrupted before the first epoch was saved: {run_dir} holds no last.pt."
     epoch = read_checkpoint(last)["epoch"]
     return f"Interrupted. {last} holds epoch {epoch}: call train(..., resume=True) to continue."
-
-
-def check_split(state: dict, splits: dict) -> None:
-    """Raise DataError if a validation or test patient was among the checkpoint's training
-    patients, or a test patient among its validation patients (a different split or data)."""
-    used = state.get("patients")
-    if used is None:  # checkpoints written before patients were recorded
-        return
-    now = {name: {r.patient for r in splits[name]} for name in ("val", "test")}
-    leaked = sorted(
-        ((now["val"] | now["test"]) & set(used["train"])) | (now["test"] & set(used["val"]))
-    )
-    if leaked:
-        raise DataError(f"{len(leaked)} evaluation patients ({', '.join(leaked[:3])}, ...) were used to "
-                        "train or choose this checkpoint: use the LGG_DATA and SEG_SPLIT_SEED of notebook 03")  # fmt: skip

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from seg_files import FLAIR, DataError
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple, grid: tuple) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, shape: tuple, grid: tuple) -> np.ndarray:
     """Low-frequency noise in [-1, 1] of `shape` (D, H, W), upsampled from a coarse `grid`."""
     depth, height, width = shape
     coarse = rng.standard_normal(grid).astype(np.float32)
@@ -48,10 +48,10 @@ def _synthetic_patient(rng: np.random.Generator, depth: int, size: int = 256):
     ry = rng.uniform(0.68, 0.86)
     rx = ry * rng.uniform(0.78, 0.9)  # heads are longer front to back
     section = np.sqrt(np.clip(1 - z**2, 1e-3, None))  # the head's cross-section shrinks at the ends
-    wobble = 0.03 * _smooth_noise(rng, z.shape, (4, 6, 6))
+    wobble = 0.03 * smooth_noise(rng, z.shape, (4, 6, 6))
     r = np.sqrt(((y - cy) / (ry * section)) ** 2 + ((x - cx) / (rx * section)) ** 2) + wobble
     brain = r < 0.86
-    folds = _smooth_noise(rng, z.shape, (max(depth // 3, 2), 20, 20))
+    folds = smooth_noise(rng, z.shape, (max(depth // 3, 2), 20, 20))
     white = brain & (folds > -0.05) & (r < 0.72)
     vx = 0.11 * section
     ventricles = (((np.abs(x - cx) - vx) / 0.05) ** 2 + ((y - cy + 0.05) / 0.22) ** 2 < 1) & (
@@ -60,24 +60,26 @@ def _synthetic_patient(rng: np.random.Generator, depth: int, size: int = 256):
     lz = rng.uniform(-0.35, 0.45)
     ly, lx = cy + rng.uniform(-0.35, 0.35) * ry, cx + rng.uniform(-0.4, 0.4) * rx
     rl, rlz = rng.uniform(0.1, 0.28), rng.uniform(0.2, 0.4)
-    shape_noise = _smooth_noise(rng, z.shape, (6, 8, 8))
+    shape_noise = smooth_noise(rng, z.shape, (6, 8, 8))
     dl = np.sqrt(((z - lz) / rlz) ** 2 + ((y - ly) / rl) ** 2 + ((x - lx) / (rl * 0.8)) ** 2)
     lesion = (dl + 0.35 * shape_noise < 1) & brain & ~ventricles
     edema = np.clip(1.4 - dl, 0, 1) * brain  # FLAIR brightening that fades around the lesion
     # tissue:        scalp  skull  csf   grey  white  ventricle lesion  (pre, FLAIR, post)
     table = np.array(
-        [[0.75, 0.12, 0.15, 0.45, 0.60, 0.10, 0.35],
-         [0.45, 0.08, 0.08, 0.50, 0.38, 0.05, 0.85],
-         [0.70, 0.12, 0.20, 0.47, 0.58, 0.12, 0.40]],
+        [
+            [0.75, 0.12, 0.15, 0.45, 0.60, 0.10, 0.35],
+            [0.45, 0.08, 0.08, 0.50, 0.38, 0.05, 0.85],
+            [0.70, 0.12, 0.20, 0.47, 0.58, 0.12, 0.40],
+        ],
         dtype=np.float32,
-    )  # fmt: skip
+    )
     label = np.select(
         [lesion, ventricles, white, brain, r < 0.9, r < 0.96, r < 1.02],
         [6, 5, 4, 3, 2, 1, 0],
         default=-1,
     )
-    bias = 1 + 0.15 * _smooth_noise(rng, z.shape, (3, 3, 3))
-    texture = 0.06 * _smooth_noise(rng, z.shape, (max(depth // 2, 2), 48, 48))
+    bias = 1 + 0.15 * smooth_noise(rng, z.shape, (3, 3, 3))
+    texture = 0.06 * smooth_noise(rng, z.shape, (max(depth // 2, 2), 48, 48))
     images = np.zeros((depth, size, size, 3), np.float32)
     for c in range(3):
         value = np.where(label >= 0, table[c][label], 0.0) + np.where(label >= 2, texture, 0)

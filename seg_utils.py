@@ -9,29 +9,26 @@ source from here (`su.show_source(su.UNet)`): what a lesson displays is what run
 
 Contents                                                               taught in notebook
     1. Data: scan_dataset, split_by_patient, load_volumes, head_mask       01_explore_data
-    2. Scan to network input: brain_box, crop_box, volume_norm,            02_preview_augmentation
-       prepare_volume, train_transform, SliceDataset, tumour_weights
-    3. Model and training: UNet, bce_dice_loss, train_step, train,         03_train_unet
-       load_checkpoint
-    4. Evaluation: predict_volume, uncrop, dice_from_counts, postprocess,  04_evaluate
-       score_patients, summarise (sweep_postprocessing: seg_ensemble.py)
-    5. The mask viewer: mask_viewer (widgets: seg_viewer.py)               05_mask_viewer
-    6. Tools: show_source, `python -m seg_utils data|predict|export`       (no lesson)
-Code that no lesson teaches lives in modules of its own, whose public names are also su.<name>:
-seg_files.py (file names and checks, DataError), seg_synthetic.py (the synthetic MRI set),
-seg_runs.py (checkpoint files, resume, run folders), seg_hardware.py (device, bf16 or fp32,
-memory layout), seg_draw.py (slices, curves, plots), seg_ensemble.py (the post-processing sweep,
-cross-validation folds, fold ensembles) and seg_viewer.py (the mask viewer's widgets).
+    2. Scan to network input: Preprocess, prepare_volume, normalise,       02_preview_augmentation
+       train_transform, SliceDataset, tumour_weights
+    3. Model and training: UNet, bce_dice_loss, train_step, train          03_train_unet
+    4. The segmenter and its evaluation: Segmenter, PostProcess,           04_evaluate
+       score_patients, summarise, sweep_postprocessing
+
+The names imported below from the lower modules (seg_files, seg_hardware, seg_runs, seg_draw,
+seg_synthetic) are su.<name> too, so that a lesson needs one import. Modules above this one
+(seg_viewer, seg_predict, seg_export, seg_cli) import it, never the other way round.
 """
 
 from __future__ import annotations
 
 import copy
-import numbers
+import itertools
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from numbers import Integral
 from pathlib import Path
 
 import cv2
@@ -46,16 +43,12 @@ from seg_draw import (
     TRUTH_RGB,
     LivePlot,
     draw_overlay,
-    overlay,
     plot_history,
     plot_patient_dice,
-    render_slice,
     show_examples,
     show_source,
     zoom_around,
 )
-
-# The modules below hold what no lesson teaches; the names imported from them are su.<name> too.
 from seg_files import (
     CHANNELS,
     FLAIR,
@@ -71,18 +64,16 @@ from seg_files import (
 )
 from seg_hardware import autocast, cpu_supports_bf16, pick_device, pick_precision, to_layout
 from seg_runs import (
-    CHECKPOINT_FORMAT,
     CheckpointError,
-    check_split,
     on_disk_after_interrupt,
     read_checkpoint,
-    save_checkpoint,
     save_run,
     start_run,
+    write_checkpoint,
 )
 from seg_synthetic import make_synthetic_dataset
 
-# ----------------------------- 1. Data: find, split, load, look at (notebook 01)
+# ----------------------------------------------------------------------------- 1. Data (01)
 
 
 def resolve_data_dir(env_value: str | None = None, data_root: str | Path | None = None) -> Path:
@@ -97,9 +88,7 @@ def resolve_data_dir(env_value: str | None = None, data_root: str | Path | None 
     if not (synthetic / "kaggle_3m").is_dir():
         print(f"No real data found: generating the synthetic set in {synthetic}")
         try:
-            make_synthetic_dataset(
-                synthetic, n_patients=int(os.environ.get("SEG_SYNTH_PATIENTS", "20"))
-            )
+            make_synthetic_dataset(synthetic, n_patients=20)
         except (DataError, OSError):  # processes started side by side (cross_validate --fold):
             if not (synthetic / "kaggle_3m").is_dir():  # the first to finish wrote the set
                 raise
@@ -152,8 +141,10 @@ def read_slice(record: SliceRecord) -> tuple[np.ndarray, np.ndarray]:
     if image.ndim != 3 or image.shape[2] != 3:
         raise DataError(f"{record.image_path}: expected a 3-channel image, got shape {image.shape}")
     if min(image.shape[:2]) < 32:  # the crop, resize and U-Net pooling need room
-        raise DataError(f"{record.image_path}: {image.shape[1]}x{image.shape[0]} px is too small "
-                        "(at least 32x32): replace it, or remove this slice and its mask")  # fmt: skip
+        raise DataError(
+            f"{record.image_path}: {image.shape[1]}x{image.shape[0]} px is too small (at least "
+            "32x32): replace it, or remove this slice and its mask"
+        )
     mask = read_tiff(record.mask_path, "mask")
     if mask.shape != image.shape[:2]:
         raise DataError(f"{record.mask_path}: mask shape {mask.shape} != image {image.shape[:2]}")
@@ -184,8 +175,10 @@ def load_volumes(records: list[SliceRecord], progress: bool = True) -> list[Volu
         pairs = [read_slice(r) for r in recs]
         for r, (image, _) in zip(recs, pairs):
             if image.shape != pairs[0][0].shape:
-                raise DataError(f"{r.image_path}: size {image.shape} differs from "
-                                f"{recs[0].image_path} {pairs[0][0].shape} of the same patient")  # fmt: skip
+                raise DataError(
+                    f"{r.image_path}: size {image.shape} differs from {recs[0].image_path} "
+                    f"{pairs[0][0].shape} of the same patient"
+                )
         images = np.stack([p[0] for p in pairs])
         masks = np.stack([p[1] for p in pairs])
         volumes.append(Volume(patient, [r.slice_index for r in recs], images, masks))
@@ -205,44 +198,50 @@ def middle_tumour_slice(mask: np.ndarray) -> int:
     return int(tumour[len(tumour) // 2]) if len(tumour) else len(mask) // 2
 
 
-# ----------------------------- 2. From scan to network input (notebook 02)
+# ----------------------------------------------------------------------------- 2. Input (02)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Preprocess:
-    """How a volume becomes network input; saved in every checkpoint."""
+    """How a scan becomes network input; saved with every network."""
 
-    size: int = 128  # training size: 128 px matched 192 px in Dice at half the time
-    crop_brain: bool = True  # crop each volume to its head's bounding box first (brain_box)
-    channels: list = field(default_factory=lambda: [0, 1, 2])  # network input: CHANNELS indices
+    size: int = 128  # side of the square slices the network sees, px
+    crop_brain: bool = True  # crop each scan to its head's bounding box first (brain_box)
+    channels: tuple = (0, 1, 2)  # the network's inputs: indices into CHANNELS
 
     def __post_init__(self):
-        valid = len(set(self.channels)) == len(self.channels) > 0
-        if not valid or not set(self.channels) <= set(range(len(CHANNELS))):
+        object.__setattr__(self, "channels", tuple(self.channels))  # a list from JSON too
+        if len(set(self.channels)) != len(self.channels) or not self.channels:
+            raise ValueError(f"channels: distinct indices into {CHANNELS}, not {self.channels}")
+        if not set(self.channels) <= set(range(len(CHANNELS))):
             raise ValueError(f"channels: distinct indices into {CHANNELS}, not {self.channels}")
 
-    @classmethod
-    def from_saved(cls, saved: dict) -> Preprocess:
-        """A checkpoint's Preprocess; older ones also name the per-scan normalisation, the only
-        one now (a retired "global" one is refused), and lack channels (all three)."""
-        saved = dict(saved)
-        if saved.pop("normalisation", "volume") != "volume":
-            raise ValueError("global normalisation is no longer supported")
-        saved.pop("mean", None), saved.pop("std", None)
-        return cls(**saved)
+
+def parse_channels(spec: str) -> tuple:
+    """'all', 'flair', or comma-separated CHANNELS names / indices -> sorted channel indices."""
+    aliases = {"all": [0, 1, 2], "flair": [FLAIR], "t1": [0], "t1c": [2]}
+    aliases |= {name.lower(): [i] for i, name in enumerate(CHANNELS)}
+    indices = []
+    for part in (p.strip().lower() for p in spec.split(",")):
+        if part not in aliases and not part.isdigit():
+            raise ValueError(
+                f"unknown channel {part!r}: use all, flair, {', '.join(CHANNELS)}, 0-2"
+            )
+        indices += aliases.get(part) or [int(part)]
+    return Preprocess(channels=sorted(set(indices))).channels  # Preprocess checks them
 
 
 @dataclass
 class PreparedVolume:
-    """A volume cropped and resized for the network, with what is needed to undo it."""
+    """A scan cropped and resized for the network, with what is needed to undo it."""
 
     patient: str
     image: np.ndarray  # (D, S, S, 3) uint8
-    mask: np.ndarray  # (D, S, S) uint8 in {0, 1}
+    mask: np.ndarray | None  # (D, S, S) uint8 in {0, 1}; None for a scan without truth
     box: tuple  # (y0, y1, x0, x1) square crop in original pixels; may reach past the edges
     shape: tuple  # original (H, W)
     norm: np.ndarray  # (4, 3) float32 rows lo, hi, mean, std per channel
-    channels: tuple = (0, 1, 2)  # which of the 3 channels the network gets (Preprocess.channels)
+    pre: Preprocess  # how it was prepared: its channels are what a network reads
 
 
 def brain_box(image: np.ndarray, margin: float = 0.04) -> tuple:
@@ -276,30 +275,33 @@ def volume_norm(image: np.ndarray) -> np.ndarray:
 
 
 def normalise(image: np.ndarray, norm: np.ndarray) -> np.ndarray:
-    """Map uint8 (..., 3) to float32 network input with a volume's (4, 3) norm rows."""
+    """Map uint8 (..., 3) to float32 network input with a scan's (4, 3) norm rows."""
     lo, hi, mean, std = norm
-    return ((np.clip((image.astype(np.float32) - lo) / (hi - lo), 0, 1) - mean) / std).astype(
-        np.float32
-    )
+    scaled = np.clip((image.astype(np.float32) - lo) / (hi - lo), 0, 1)
+    return ((scaled - mean) / std).astype(np.float32)
 
 
-def prepare_volume(volume: Volume, pre: Preprocess) -> PreparedVolume:
-    """Crop a volume to the brain (optional) and resize every slice to pre.size."""
-    height, width = volume.image.shape[1:3]
-    box = brain_box(volume.image) if pre.crop_brain else (0, height, 0, width)
-    image, mask = crop_box(volume.image, box), crop_box(volume.mask, box)
+def prepare(image: np.ndarray, pre: Preprocess, mask=None, patient: str = "scan"):
+    """Crop a (D, H, W, 3) uint8 scan to the brain (optional) and resize every slice to pre.size;
+    the mask (D, H, W), if given, the same way. Returns a PreparedVolume."""
+    if image.ndim != 4 or image.shape[3] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"a scan is (D, H, W, 3) uint8, not {image.shape} {image.dtype}")
+    height, width = image.shape[1:3]
+    box = brain_box(image) if pre.crop_brain else (0, height, 0, width)
     size = (pre.size, pre.size)
-    image = np.stack([cv2.resize(s, size, interpolation=cv2.INTER_AREA) for s in image])
-    mask = np.stack(
-        [cv2.resize(m.astype(np.float32), size, interpolation=cv2.INTER_AREA) > 0.5 for m in mask]
-    ).astype(np.uint8)
-    return PreparedVolume(volume.patient, image, mask, box, (height, width), volume_norm(image),
-                          tuple(pre.channels))  # fmt: skip
+    small = np.stack(
+        [cv2.resize(s, size, interpolation=cv2.INTER_AREA) for s in crop_box(image, box)]
+    )
+    if mask is not None:
+        masks = crop_box(mask, box).astype(np.float32)
+        mask = np.stack([cv2.resize(m, size, interpolation=cv2.INTER_AREA) for m in masks]) > 0.5
+        mask = mask.astype(np.uint8)
+    return PreparedVolume(patient, small, mask, box, (height, width), volume_norm(small), pre)
 
 
 def prepare_volumes(volumes: list[Volume], pre: Preprocess) -> list[PreparedVolume]:
-    """prepare_volume for every volume of a list."""
-    return [prepare_volume(v, pre) for v in volumes]
+    """prepare() for every volume of a list, with its mask."""
+    return [prepare(v.image, pre, v.mask, v.patient) for v in volumes]
 
 
 def train_transform(seed: int | None = None):
@@ -318,11 +320,21 @@ def train_transform(seed: int | None = None):
     )
 
 
+def network_input(image: np.ndarray, volume: PreparedVolume) -> np.ndarray:
+    """(..., S, S, 3) uint8 slices of `volume` -> (..., C, S, S) float32: normalised, the
+    channels its Preprocess names."""
+    x = normalise(image, volume.norm)[..., list(volume.pre.channels)]  # (..., S, S, C)
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))  # (..., C, S, S)
+
+
 class SliceDataset(torch.utils.data.Dataset):
     """2D slices of prepared volumes as (image (C, S, S), mask (1, S, S)) float32 tensors."""
 
     def __init__(self, volumes: list[PreparedVolume], transform=None):
+        if len({v.pre for v in volumes}) != 1:
+            raise ValueError("SliceDataset: prepare every volume with one Preprocess")
         self.volumes = volumes
+        self.pre = volumes[0].pre  # train() saves this with the network
         self.transform = transform
         self.index = [(v, z) for v, vol in enumerate(volumes) for z in range(len(vol.image))]
 
@@ -341,17 +353,13 @@ class SliceDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        image = normalise(image, volume.norm)[..., list(volume.channels)]  # (S, S, C)
-        image = image.transpose(2, 0, 1)  # (C, S, S)
-        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(
-            mask[None].astype(np.float32)
-        )
+        x = torch.from_numpy(network_input(image, volume))  # (C, S, S)
+        return x, torch.from_numpy(mask[None].astype(np.float32))  # (1, S, S)
 
 
-def tumour_weights(dataset: SliceDataset, uniform: float | None = None) -> torch.Tensor:
-    """Sampling weight per slice: each patient equally, then slices by tumour area + uniform
-    (a share; None: training's default, TrainConfig.sampling_uniform)."""
-    uniform = TrainConfig.sampling_uniform if uniform is None else uniform
+def tumour_weights(dataset: SliceDataset, uniform: float = 0.3) -> torch.Tensor:
+    """Sampling weight per slice: each patient equally, then slices by tumour area, with a share
+    `uniform` of each patient's draws spread evenly over its slices."""
     weights = []
     for vol in dataset.volumes:
         area = vol.mask.reshape(len(vol.mask), -1).sum(1).astype(np.float64)  # (D,)
@@ -361,14 +369,14 @@ def tumour_weights(dataset: SliceDataset, uniform: float | None = None) -> torch
     return torch.from_numpy(np.concatenate(weights))
 
 
-def _seed_worker(worker_id: int) -> None:
+def seed_worker(worker_id: int) -> None:
     """Give each DataLoader worker its own, reproducible augmentation stream."""
     info = torch.utils.data.get_worker_info()
     if info.dataset.transform is not None:
         info.dataset.transform.set_random_seed(info.seed % 2**31)
 
 
-# ----------------------------- 3. The U-Net, its loss and its training (notebook 03)
+# ----------------------------------------------------------------------------- 3. Training (03)
 
 
 class ConvBlock(nn.Sequential):
@@ -409,7 +417,7 @@ class UNet(nn.Module):
         )
         self.head = nn.Conv2d(widths[0], out_channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 3, H, W)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W)
         step = 2 ** self.config["depth"]
         if x.shape[-2] % step or x.shape[-1] % step:
             raise ValueError(f"input {tuple(x.shape[-2:])} must be divisible by {step} (2**depth)")
@@ -453,7 +461,7 @@ def seed_everything(seed: int) -> None:
 
 
 def train_step(model, optimizer, x, y, precision: str, dice_weight: float = 1.0) -> float:
-    """One optimisation step on a batch x (B, 3, S, S), y (B, 1, S, S); returns the loss."""
+    """One optimisation step on a batch x (B, C, S, S), y (B, 1, S, S); returns the loss."""
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
     x = to_layout(x, precision)
@@ -470,30 +478,22 @@ def train_step(model, optimizer, x, y, precision: str, dice_weight: float = 1.0)
 class TrainConfig:
     """Training parameters; saved in the checkpoint so a resumed run continues the same run."""
 
-    epochs: int = 20  # one-cycle schedule length. LGG, width 10 with ema 0.998: the old recipe's
-    # best validation Dice 4.7x and 3.7x sooner (two seeds), test 0.819 and 0.826; 5-fold
-    # cross-validation 0.835 and 0.837 out of fold (two seeds; README)
+    epochs: int = 20  # length of the one-cycle schedule
     batch_size: int = 16
     lr: float = 3e-3  # one-cycle peak; Adam
     weight_decay: float = 1e-4
     dice_weight: float = 1.0  # loss = BCE + dice_weight * soft Dice
-    patience: int = 40  # stop after this many epochs without a better validation Dice; one-cycle
-    # peaks late (LGG: patience 15 stopped at epoch 32 with best val 0.769; all 40 epochs: 0.773)
+    patience: int = 0  # > 0: stop after this many epochs without a better validation Dice. Off
+    # by default: one-cycle's rate falls to its lowest only at the end, where the best epochs are
     seed: int = 0
     precision: str = "auto"  # "auto", "bf16" or "fp32"
-    tumour_sampling: bool = True  # sample slices by tumour area (Buda et al.)
+    tumour_sampling: bool = True  # sample slices by tumour area (Buda et al. 2019)
     sampling_uniform: float = 0.3  # share of each patient's draws spread evenly over its slices
-    # (tumour_weights): more tumour-free slices, the skull base's among them. LGG 5-fold CV, out of
-    # fold: 0.825 at 0.3, 0.822 at 0.1 (the default before 2026-11-26): chosen by that, a tie
-    train_crop: float = 0.75  # train on random windows of this share of the side: 96 px of 128,
-    # 56 % of the work per image (a fully convolutional U-Net still predicts whole images). LGG
-    # test Dice (width 16), two seeds: 0.839 and 0.836 for 24 such epochs, 0.841 and 0.840 for 40 on
-    # whole images (1.0, `--recipe old`) at 3x the work; 20 such epochs: 0.788 and 0.826
-    num_workers: int = 0  # 2 cores: 0 workers 57 img/s, 1-2 workers 53-54 (bench_loader.py, width
-    # 16, bf16); width 10, fp32 on an AVX2 CPU: 22.0, 22.7, 21.6 img/s, a tie
-    ema_decay: float = 0.998  # > 0: validate and save a moving average of the weights (update_ema;
-    # 0 = off): 0.998 averages ~500 steps, ~3 epochs, so a short schedule's last epochs are smooth
-    # (LGG, 12 epochs with 0.99: fast but levelled off at 0.775; 0.998 kept climbing to 0.78-0.80)
+    train_crop: float = 0.75  # train on random windows of this share of the side; the U-Net is
+    # fully convolutional, so it still predicts whole images
+    num_workers: int = 0  # DataLoader processes; 0 loads in the training process
+    ema_decay: float = 0.998  # > 0: validate and save a moving average of the weights over
+    # about 1 / (1 - decay) steps (update_ema); 0: the trained weights themselves
 
     def __post_init__(self):
         if not 0 < self.train_crop <= 1:
@@ -504,7 +504,7 @@ class TrainConfig:
             raise ValueError(f"sampling_uniform is a share in [0, 1], not {self.sampling_uniform}")
 
 
-def _epoch_loader(dataset: SliceDataset, config: TrainConfig, weights, epoch: int):
+def epoch_loader(dataset: SliceDataset, config: TrainConfig, weights, epoch: int):
     """A DataLoader whose order and augmentations depend only on (seed, epoch): resumable."""
     generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
     if weights is not None:
@@ -514,9 +514,14 @@ def _epoch_loader(dataset: SliceDataset, config: TrainConfig, weights, epoch: in
     if dataset.transform is not None:
         dataset.transform.set_random_seed(config.seed * 100_003 + epoch)
     return torch.utils.data.DataLoader(
-        dataset, config.batch_size, sampler=sampler, drop_last=True,  # no 1-image BatchNorm
-        num_workers=config.num_workers, worker_init_fn=_seed_worker, generator=generator,
-    )  # fmt: skip
+        dataset,
+        config.batch_size,
+        sampler=sampler,
+        drop_last=True,  # no 1-image batch for BatchNorm
+        num_workers=config.num_workers,
+        worker_init_fn=seed_worker,
+        generator=generator,
+    )
 
 
 def crop_side(size: int, fraction: float, depth: int) -> int:
@@ -546,21 +551,22 @@ def update_ema(average: nn.Module, model: nn.Module, decay: float, step: int) ->
     d = decay, or less in the first steps (`step`: steps taken, 1, 2, ...) so the random start
     fades fast."""
     d = min(decay, (1 + step) / (10 + step))  # TensorFlow's warm-up: 0.18, 0.25, ... 0.99 at 890
-    for avg, new in zip(average.state_dict().values(), model.state_dict().values()):
+    new = model.state_dict()
+    for name, avg in average.state_dict().items():
         if avg.is_floating_point():
-            avg.lerp_(new, 1 - d)  # d 0.99: an average over about the last 100 steps
+            avg.lerp_(new[name], 1 - d)  # d 0.99: an average over about the last 100 steps
         else:
-            avg.copy_(new)  # BatchNorm's count of batches
+            avg.copy_(new[name])  # BatchNorm's count of batches
 
 
-def _train_one_epoch(model, loader, optimizer, scheduler, precision, config, epoch, progress,
-                     average=None):  # fmt: skip
-    """One pass over the loader (on random windows, config.train_crop); the mean training loss.
-    `average` (a copy of the model) follows the weights step by step (config.ema_decay)."""
-    model.train()
+def train_one_epoch(
+    model, loader, optimizer, scheduler, precision, config, epoch, average=None, progress=False
+):
+    """One pass over the loader on random windows (config.train_crop); the mean training loss.
+    `average` (a copy of the U-Net) follows the weights step by step (config.ema_decay)."""
+    model.train()  # BatchNorm normalises with each batch's statistics and updates its own
     total, seen = 0.0, 0
-    side = crop_side(loader.dataset.volumes[0].image.shape[1], config.train_crop,
-                     model.config["depth"])  # fmt: skip
+    side = crop_side(loader.dataset.pre.size, config.train_crop, unwrapped(model).config["depth"])
     generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch + 7)  # resumable
     bar = tqdm(loader, desc="batches", leave=False, disable=not progress)
     for x, y in bar:
@@ -569,47 +575,53 @@ def _train_one_epoch(model, loader, optimizer, scheduler, precision, config, epo
         seen += len(x)
         scheduler.step()
         if average is not None:
-            steps = scheduler.last_epoch  # optimisation steps so far
-            update_ema(average, unwrapped(model), config.ema_decay, steps)
+            update_ema(average, unwrapped(model), config.ema_decay, scheduler.last_epoch)
         bar.set_postfix(loss=f"{total / seen:.3f}")
     return total / seen
 
 
-def predict_prepared(model, volume: PreparedVolume, precision="auto", tta=False, batch_size=32):
-    """Tumour probability (D, S, S) for a prepared volume; `tta` averages in the mirror image."""
+def predict_prepared(model, volume: PreparedVolume, mirror=False, batch_size=32) -> np.ndarray:
+    """Tumour probability (D, S, S) of a prepared volume; `mirror` predicts the left-right mirror
+    image and flips the answer back."""
     device = next(model.parameters()).device
-    precision = pick_precision(device, precision)
-    model.eval()
+    precision = pick_precision(device)
+    model.eval()  # BatchNorm uses the statistics it learned, not the batch's
     out = []
     with torch.no_grad(), autocast(device, precision):
         for start in range(0, len(volume.image), batch_size):
-            x = normalise(volume.image[start : start + batch_size], volume.norm)  # (b, S, S, 3)
-            x = x[..., list(volume.channels)]  # (b, S, S, C): the model's inputs, a copy
-            x = torch.from_numpy(x).permute(0, 3, 1, 2).to(device)  # (b, C, S, S) view of NHWC
-            x = to_layout(x, precision)
+            x = network_input(volume.image[start : start + batch_size], volume)  # (b, C, S, S)
+            x = to_layout(torch.from_numpy(x).to(device), precision)
+            x = x.flip(-1) if mirror else x
             prob = torch.sigmoid(model(x).float())
-            if tta:
-                prob = (prob + torch.sigmoid(model(x.flip(-1)).float()).flip(-1)) / 2
-            out.append(prob[:, 0].cpu().numpy())
+            out.append((prob.flip(-1) if mirror else prob)[:, 0].cpu().numpy())
     return np.concatenate(out)
 
 
-def validate(model, volumes: list[PreparedVolume], precision="auto") -> float:
+def validate(model, volumes: list[PreparedVolume]) -> float:
     """Mean per-patient Dice at the training size, threshold 0.5 (the model-selection score)."""
-    return float(
-        np.mean([dice_score(predict_prepared(model, v, precision) >= 0.5, v.mask) for v in volumes])
-    )
+    return float(np.mean([dice_score(predict_prepared(model, v) >= 0.5, v.mask) for v in volumes]))
 
 
-def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run_dir,
-          config: TrainConfig | None = None, pre: Preprocess | None = None, resume=False,
-          on_epoch_end=None, progress=True) -> list[dict]:  # fmt: skip
+def train(
+    model,
+    train_set: SliceDataset,
+    val_volumes: list[PreparedVolume],
+    run_dir,
+    config: TrainConfig | None = None,
+    resume=False,
+    on_epoch_end=None,
+    progress=True,
+) -> list[dict]:
     """Train with Adam + one-cycle; keep best.pt (validation Dice) and last.pt (resume). With
     config.ema_decay the moving average of the weights is what is validated and saved;
     on_epoch_end(history) is called after each saved epoch, and a True answer stops training."""
-    config, pre, run_dir = config or TrainConfig(), pre or Preprocess(), Path(run_dir)
+    config, run_dir, pre = config or TrainConfig(), Path(run_dir), train_set.pre
     if not val_volumes:
         raise ValueError("train() needs at least one validation volume to choose the best epoch")
+    if any(v.pre != pre for v in val_volumes):
+        raise ValueError(
+            "train(): prepare the validation volumes with the training set's Preprocess"
+        )
     device = next(model.parameters()).device
     precision = pick_precision(device, config.precision)
     to_layout(model, precision)
@@ -620,32 +632,34 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
     if steps == 0:
         raise ValueError(f"{len(train_set)} training slices < batch size {config.batch_size}")
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=steps)
-    data = dict(  # what trained: check_split and a resume compare against it
-        patients=dict(train=[v.patient for v in train_set.volumes],
-                      val=[v.patient for v in val_volumes]),
-        train_slices=len(train_set),
-    )  # fmt: skip
+    patients = dict(
+        train=[v.patient for v in train_set.volumes], val=[v.patient for v in val_volumes]
+    )
+    network = dict(config=net.config, preprocess=asdict(pre), patients=patients)
+    data = dict(network=network, train_slices=len(train_set), postprocess=asdict(PostProcess()))
     average = copy.deepcopy(net) if config.ema_decay else None  # validated and saved, if any
-    history = start_run(run_dir, resume, net, optimizer, scheduler, config, pre, data, average)
+    history = start_run(run_dir, resume, net, optimizer, scheduler, config, data, average)
     weights = tumour_weights(train_set, config.sampling_uniform) if config.tumour_sampling else None
-    epochs = tqdm(range(len(history), config.epochs), desc=f"training ({precision})",
-                  initial=len(history), total=config.epochs, disable=not progress)  # fmt: skip
+    bar = dict(initial=len(history), total=config.epochs, disable=not progress)
+    epochs = tqdm(range(len(history), config.epochs), f"training ({precision})", **bar)
     try:
         for epoch in epochs:
             start = time.perf_counter()
-            loader = _epoch_loader(train_set, config, weights, epoch)
-            loss = _train_one_epoch(model, loader, optimizer, scheduler, precision, config, epoch,
-                                    progress, average)  # fmt: skip
-            val_dice = validate(model if average is None else average, val_volumes, precision)
-            history.append(dict(epoch=epoch + 1, train_loss=loss, val_dice=val_dice,
-                                lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - start))  # fmt: skip
-            epochs.set_postfix(loss=f"{loss:.3f}", val_dice=f"{val_dice:.3f}")
-            save_run(run_dir, net, optimizer, scheduler, config, pre, history, precision, data,
-                     average)  # fmt: skip
+            loader = epoch_loader(train_set, config, weights, epoch)
+            args = (optimizer, scheduler, precision, config, epoch, average, progress)
+            loss = train_one_epoch(model, loader, *args)
+            chosen = net if average is None else average  # what is validated and saved
+            row = dict(epoch=epoch + 1, train_loss=loss, val_dice=validate(chosen, val_volumes))
+            if average is not None:  # the trained weights' own score, to see what averaging adds
+                row["val_dice_raw"] = validate(net, val_volumes)
+            row |= dict(lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - start)
+            history.append(row)
+            epochs.set_postfix(loss=f"{loss:.3f}", val_dice=f"{row['val_dice']:.3f}")
+            save_run(run_dir, net, optimizer, scheduler, config, history, precision, data, average)
             if on_epoch_end is not None and on_epoch_end(history):
                 break  # the caller's rule said stop (e.g. a Dice reached): last.pt resumes the rest
             best = max(range(len(history)), key=lambda i: history[i]["val_dice"])
-            if len(history) - 1 - best >= config.patience:
+            if config.patience and len(history) - 1 - best >= config.patience:
                 print(f"early stop: no better validation Dice since epoch {best + 1}")
                 break
     except KeyboardInterrupt:
@@ -653,26 +667,75 @@ def train(model, train_set: SliceDataset, val_volumes: list[PreparedVolume], run
     return history
 
 
-def load_checkpoint(path: str | Path, device: torch.device | None = None):
-    """Rebuild the model from a checkpoint; return (model in eval mode, Preprocess, state)."""
-    state = read_checkpoint(path)
-    try:
-        model = UNet(**state["model_config"])
-        model.load_state_dict(state["model_state"])
-        pre = Preprocess.from_saved(state["preprocess"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path} does not fit this seg_utils ({error_gist(e)}): load it with "
-                              "the version that wrote it, or train again") from e  # fmt: skip
-    device = device or pick_device()
-    to_layout(model, pick_precision(device)).to(device).eval()
-    return model, pre, state
+# ----------------------------------------------------------------------------- 4. Segmenter (04)
 
 
-# ----------------------------- 4. Evaluation (notebook 04)
+@dataclass(frozen=True)
+class PostProcess:
+    """How a probability map becomes a mask; chosen on validation, saved with the networks."""
+
+    tta: bool = False  # average in the prediction of the left-right mirror image
+    threshold: float = 0.5  # probability cut-off
+    min_size: int = 0  # drop 3D blobs of fewer voxels (with keep="all")
+    keep: str = "all"  # "all" blobs, the "largest" (most voxels), or the one of most probability
+    # "mass" (a big faint blob loses to a smaller confident one)
+    drop_ends: float = 0.0  # first drop blobs lying wholly within this share of the slices at
+    # either end of the stack (bright tissue at the skull base or the vertex)
+
+    def __post_init__(self):
+        checks = [
+            (type(self.tta) is bool, "tta is True or False"),
+            (is_number(self.threshold) and 0 <= self.threshold <= 1, "threshold is in [0, 1]"),
+            (
+                is_number(self.min_size, Integral) and self.min_size >= 0,
+                "min_size is a voxel count",
+            ),
+            (self.keep in ("all", "largest", "mass"), 'keep is "all", "largest" or "mass"'),
+            (self.keep == "all" or self.min_size == 0, 'min_size applies with keep="all" only'),
+            (is_number(self.drop_ends) and 0 <= self.drop_ends < 0.5, "drop_ends is in [0, 0.5)"),
+        ]
+        wrong = [rule for ok, rule in checks if not ok]
+        if wrong:
+            raise ValueError(f"PostProcess{tuple(asdict(self).values())}: {'; '.join(wrong)}")
+
+    def apply(self, prob: np.ndarray) -> np.ndarray:
+        """(D, H, W) probabilities -> (D, H, W) bool mask: the threshold, then the blob rule on
+        3D connected components (blobs that touch across slices are one)."""
+        from scipy import ndimage
+
+        binary = prob >= self.threshold
+        if self.min_size == 0 and self.keep == "all" and self.drop_ends == 0:
+            return binary
+        labels, n = ndimage.label(binary)
+        weights = prob.ravel() if self.keep == "mass" else None
+        sizes = np.bincount(labels.ravel(), weights, minlength=n + 1)[1:]  # per blob 1..n
+        keep = self.blobs_to_keep(sizes, blobs_at_the_ends(labels, n, self.drop_ends))
+        return np.concatenate([[False], keep])[labels]
+
+    def blobs_to_keep(self, sizes: np.ndarray, at_ends: np.ndarray) -> np.ndarray:
+        """The blob rule on each blob's size (voxels, or probability mass for keep="mass"):
+        those at the stack's ends go, then the small ones or all but the largest. (n,) bool."""
+        sizes = np.where(at_ends, -1.0, sizes)  # never kept
+        if self.keep != "all":  # ties keep every largest blob; none left: keep none
+            return (sizes == sizes.max(initial=-1.0)) & (sizes >= 0)
+        return sizes >= self.min_size
+
+
+def blobs_at_the_ends(labels: np.ndarray, n: int, fraction: float) -> np.ndarray:
+    """Per blob 1..n of ndimage.label: does it lie wholly within the first or last `fraction` of
+    the slices? (n,) bool; all False for fraction 0."""
+    from scipy import ndimage
+
+    if fraction <= 0 or n == 0:
+        return np.zeros(n, bool)
+    depth = len(labels)  # (D, H, W)
+    spans = [(box[0].start, box[0].stop) for box in ndimage.find_objects(labels)]
+    ends = [stop <= fraction * depth or start >= (1 - fraction) * depth for start, stop in spans]
+    return np.array(ends, dtype=bool)
 
 
 def uncrop(prob: np.ndarray, box: tuple, shape: tuple) -> np.ndarray:
-    """Undo prepare_volume: (D, S, S) at training size -> (D, H, W) in original pixels."""
+    """Undo prepare(): (D, S, S) at training size -> (D, H, W) in original pixels."""
     y0, y1, x0, x1 = box
     height, width = shape
     out = np.zeros((len(prob), height, width), np.float32)
@@ -683,18 +746,129 @@ def uncrop(prob: np.ndarray, box: tuple, shape: tuple) -> np.ndarray:
     return out
 
 
-def predict_volume(model, volume: Volume, pre: Preprocess, precision="auto", tta=False):
-    """Tumour probability (D, H, W) for one patient at the original resolution."""
-    prepared = prepare_volume(volume, pre)
-    return uncrop(predict_prepared(model, prepared, precision, tta), prepared.box, prepared.shape)
+@dataclass
+class Segmenter:
+    """Trained U-Nets (one, or several as an ensemble), how a scan is prepared for each, and how
+    their mean probability becomes a mask: what evaluates, predicts and is saved as one file."""
+
+    nets: list  # UNet modules
+    pres: list  # the Preprocess of each net
+    post: PostProcess = field(default_factory=PostProcess)
+    chosen_on: str = "defaults"  # where post was chosen: "defaults", "validation", "out of fold"
+    patients: list = field(default_factory=list)  # per net {"train": ids, "val": ids}
+
+    def __post_init__(self):
+        self.patients = self.patients or [dict(train=[], val=[]) for _ in self.nets]
+
+    @property
+    def channels(self) -> tuple:
+        """The CHANNELS indices some network reads: the scans a user must give."""
+        return tuple(sorted({c for pre in self.pres for c in pre.channels}))
+
+    def member_probabilities(self, image: np.ndarray, tta=None, progress=False) -> list:
+        """Each network's (D, H, W) float32 tumour probability of a (D, H, W, 3) uint8 scan, at
+        the scan's resolution; with tta (default: post.tta) averaged with the mirror image's."""
+        tta = self.post.tta if tta is None else tta
+        return [(p + m) / 2 if tta else p for p, m in self._views(image, tta, progress)]
+
+    def probabilities(self, image: np.ndarray, tta=None, progress=False) -> np.ndarray:
+        """(D, H, W) float32 tumour probability: the mean over the networks."""
+        return np.mean(self.member_probabilities(image, tta, progress), axis=0)
+
+    def probabilities_with_and_without_tta(self, image: np.ndarray) -> dict:
+        """{False: probabilities without TTA, True: with}, from one preparation of the scan."""
+        views = self._views(image, True)
+        return {
+            False: np.mean([p for p, _ in views], 0),
+            True: np.mean([p + m for p, m in views], 0) / 2,
+        }
+
+    def mask(self, image: np.ndarray, progress=False) -> np.ndarray:
+        """(D, H, W) bool tumour mask of a (D, H, W, 3) uint8 scan: probabilities, then post."""
+        return self.post.apply(self.probabilities(image, progress=progress))
+
+    def _views(self, image: np.ndarray, mirrored: bool, progress=False) -> list:
+        """(plain, mirrored or None) probabilities per network at the scan's resolution; the
+        scan is prepared once for every image size among the networks."""
+        prepared, views = {}, []
+        for net, pre in tqdm(list(zip(self.nets, self.pres)), "predicting", disable=not progress):
+            key = (pre.size, pre.crop_brain)
+            if key not in prepared:
+                prepared[key] = prepare(image, replace(pre, channels=(0, 1, 2)))
+            volume = replace(prepared[key], pre=pre)  # its own channels
+            plain = uncrop(predict_prepared(net, volume), volume.box, volume.shape)
+            mirror = predict_prepared(net, volume, mirror=True) if mirrored else None
+            views.append(
+                (plain, None if mirror is None else uncrop(mirror, volume.box, volume.shape))
+            )
+        return views
+
+    def predict_volumes(self, volumes: list[Volume], tta=None, progress=True) -> dict:
+        """{patient: (D, H, W) probabilities} for every volume."""
+        bar = tqdm(volumes, desc=f"predicting ({len(self.nets)} nets)", disable=not progress)
+        return {v.patient: self.probabilities(v.image, tta) for v in bar}
+
+    def save(self, path) -> None:
+        """Write the networks, their Preprocess and PostProcess as one file (atomically)."""
+        write_checkpoint(path, self.record())
+
+    def record(self) -> dict:
+        """What save() writes: the networks' configurations, weights, Preprocess and patients."""
+        networks = [
+            dict(config=net.config, state=_contiguous(net), preprocess=asdict(pre), patients=who)
+            for net, pre, who in zip(self.nets, self.pres, self.patients)
+        ]
+        return dict(networks=networks, postprocess=asdict(self.post), chosen_on=self.chosen_on)
 
 
-def predict_volumes(model, volumes: list[Volume], pre: Preprocess, tta=False, progress=True):
-    """predict_volume for every patient: {patient: (D, H, W) probabilities}."""
-    return {
-        v.patient: predict_volume(model, v, pre, tta=tta)
-        for v in tqdm(volumes, desc="predicting", disable=not progress)
-    }
+def _contiguous(net: nn.Module) -> dict:
+    """A state dict in NCHW: the same file from any memory layout."""
+    return {k: v.contiguous() for k, v in net.state_dict().items()}
+
+
+def load_segmenter(*paths, device: torch.device | None = None) -> Segmenter:
+    """A Segmenter from a checkpoint of train() or a file of Segmenter.save(), in eval mode on
+    `device`; several paths: one ensemble of all their networks, with the first file's post."""
+    device = device or pick_device()
+    nets, pres, who, posts = [], [], [], []
+    for path in paths:
+        state = read_checkpoint(path)
+        try:
+            for saved in state["networks"]:
+                nets.append(UNet(**saved["config"]))
+                nets[-1].load_state_dict(saved["state"])
+                pres.append(Preprocess(**saved["preprocess"]))
+                who.append(saved["patients"])
+            posts.append((PostProcess(**state["postprocess"]), state["chosen_on"]))
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(
+                f"{path} does not fit this seg_utils ({error_gist(e)}): train it again"
+            ) from e
+    for net in nets:
+        to_layout(net, pick_precision(device)).to(device).eval()
+    post, chosen_on = posts[0] if len(posts) == 1 else (posts[0][0], "defaults")
+    return Segmenter(nets, pres, post, chosen_on, who)
+
+
+def save_choice(path, post: PostProcess, chosen_on: str) -> None:
+    """Write the chosen PostProcess into a model file (its weights and the rest unchanged)."""
+    state = read_checkpoint(path)
+    write_checkpoint(path, state | dict(postprocess=asdict(post), chosen_on=chosen_on))
+
+
+def check_split(segmenter: Segmenter, splits: dict) -> None:
+    """DataError if a validation or test patient of `splits` trained a network, or a test
+    patient chose its epoch (validation): a different split, or other data."""
+    now = {name: {r.patient for r in splits.get(name, [])} for name in ("val", "test")}
+    for used in segmenter.patients:
+        leaked = ((now["val"] | now["test"]) & set(used["train"])) | (
+            now["test"] & set(used["val"])
+        )
+        if leaked:
+            raise DataError(
+                f"{len(leaked)} evaluation patients ({', '.join(sorted(leaked)[:3])}, ...) trained "
+                "or chose this model: use the LGG_DATA and split of notebook 03"
+            )
 
 
 def dice_from_counts(inter, pred, truth):
@@ -711,102 +885,40 @@ def dice_score(pred, target) -> float:
     pred = np.asarray(pred.detach().cpu() if torch.is_tensor(pred) else pred).astype(bool)
     target = np.asarray(target.detach().cpu() if torch.is_tensor(target) else target).astype(bool)
     if pred.shape != target.shape:  # NumPy would broadcast them and count pixels twice
-        raise ValueError(f"dice_score: prediction {pred.shape} and truth {target.shape} differ "
-                         "in shape: compare masks of the same shape (squeeze a channel axis)")  # fmt: skip
+        raise ValueError(
+            f"dice_score: prediction {pred.shape} and truth {target.shape} differ in shape: "
+            "compare masks of the same shape (squeeze a channel axis)"
+        )
     return float(dice_from_counts((pred & target).sum(), pred.sum(), target.sum()))
 
 
-def blobs_at_the_ends(labels: np.ndarray, n: int, fraction: float) -> np.ndarray:
-    """Per blob 1..n of ndimage.label: does it lie wholly within the first or last `fraction` of
-    the slices (the skull base, the vertex)? (n,) bool; all False for fraction 0."""
-    from scipy import ndimage
-
-    if fraction <= 0 or n == 0:  # nothing to look for: skip find_objects' pass over the volume
-        return np.zeros(n, bool)
-    depth = len(labels)  # (D, H, W)
-    spans = [(box[0].start, box[0].stop) for box in ndimage.find_objects(labels)]
-    return np.array([stop <= fraction * depth or start >= (1 - fraction) * depth
-                     for start, stop in spans], dtype=bool)  # fmt: skip
-
-
-def check_blob_rule(min_size, keep_largest, drop_ends) -> None:
-    """ValueError unless (min_size, keep_largest, drop_ends) is a rule postprocess knows."""
-    if not is_number(min_size, numbers.Integral) or min_size < 0:
-        raise ValueError(f"min_size is a whole number of voxels, 0 or more, not {min_size!r}")
-    if keep_largest not in (False, True, "mass"):
-        raise ValueError(f'keep_largest is False, True (most voxels) or "mass" (the largest sum of '
-                         f"probabilities), not {keep_largest!r}")  # fmt: skip
-    if not is_number(drop_ends) or not 0 <= drop_ends < 0.5:  # NaN fails too
-        raise ValueError(f"drop_ends is a fraction of the slices at each end, in [0, 0.5), not "
-                         f"{drop_ends!r}")  # fmt: skip
-
-
-def postprocess(binary: np.ndarray, min_size: int = 0, keep_largest: bool | str = False,
-                prob: np.ndarray | None = None, drop_ends: float = 0.0) -> np.ndarray:  # fmt: skip
-    """Drop 3D connected components under min_size voxels, or keep only the largest one: the most
-    voxels, or with keep_largest="mass" the largest sum of `prob` (a big faint blob loses).
-    drop_ends > 0 first drops the blobs lying wholly within that fraction of the slices at either
-    end of the stack (bright tissue at the skull base or the vertex), so they cannot be largest."""
-    from scipy import ndimage
-
-    check_blob_rule(min_size, keep_largest, drop_ends)
-    if min_size <= 0 and not keep_largest and drop_ends <= 0:
-        return binary.astype(bool)
-    if keep_largest == "mass" and prob is None:
-        raise ValueError('keep_largest="mass" weighs blobs by probability: pass prob=')
-    labels, n = ndimage.label(binary)  # 3D: blobs that touch across slices are one
-    if n == 0:
-        return binary.astype(bool)
-    weights = prob.ravel() if keep_largest == "mass" else None
-    sizes = np.bincount(labels.ravel(), weights)[1:]  # voxels, or probability mass, per blob
-    keep = blobs_to_keep(sizes, blobs_at_the_ends(labels, n, drop_ends), min_size, keep_largest)
-    return np.concatenate([[False], keep])[labels]
-
-
-def blobs_to_keep(
-    sizes: np.ndarray, at_ends: np.ndarray, min_size: int, keep_largest
-) -> np.ndarray:
-    """The post-processing rule, per blob: the blobs at the stack's ends go first, then those
-    under min_size, or all but the largest `sizes` (voxels or probability mass). (n_blobs,) bool."""
-    sizes = np.where(at_ends, -1.0, sizes)  # never kept
-    if keep_largest:  # ties keep every largest blob; none left (all at the ends): keep none
-        return (sizes == sizes.max(initial=-1.0)) & (sizes >= 0)
-    return sizes >= max(min_size, 0)
-
-
-def score_patients(probs: dict, volumes: list[Volume], threshold=0.5, min_size=0,
-                   keep_largest=False, drop_ends=0.0):  # fmt: skip
-    """Threshold, post-process and score each patient once, at the original resolution: tidy
-    tables (pandas) of one row per patient and one per slice, and the scored masks
-    {patient: (D, H, W) bool}, so that figures show exactly what was measured."""
+def score_patients(probs: dict, volumes: list[Volume], post: PostProcess):
+    """Apply `post` to each patient's probabilities and score the mask at the original
+    resolution: tidy tables (pandas) of one row per patient and one per slice, and the scored
+    masks {patient: (D, H, W) bool}, so that figures show exactly what was measured."""
     import pandas as pd
 
     patients, slices, masks = [], [], {}
     for vol in volumes:
         prob = probs[vol.patient]  # (D, H, W)
-        check_probabilities(prob, vol, threshold)
-        pred = postprocess(prob >= threshold, min_size, keep_largest, prob, drop_ends)
-        masks[vol.patient] = pred
+        check_probabilities(prob, vol, post.threshold)
+        pred = masks[vol.patient] = post.apply(prob)
         truth = vol.mask.astype(bool)
         inter = (pred & truth).sum((1, 2))  # (D,) pixel counts per slice
         p, t = pred.sum((1, 2)), truth.sum((1, 2))
+        dice = dice_from_counts(inter, p, t)  # (D,)
         for z, n in enumerate(vol.slices):
-            slices.append(dict(patient=vol.patient, slice=n, truth_px=int(t[z]), pred_px=int(p[z]),
-                               inter_px=int(inter[z]), dice=float(dice_from_counts(inter[z], p[z], t[z]))))  # fmt: skip
+            row = dict(truth_px=int(t[z]), pred_px=int(p[z]), inter_px=int(inter[z]))
+            slices.append(dict(patient=vol.patient, slice=n, **row, dice=float(dice[z])))
         i, ps, ts = int(inter.sum()), int(p.sum()), int(t.sum())
-        dice = float(dice_from_counts(i, ps, ts))
-        patients.append(dict(
-            patient=vol.patient, slices=len(vol.slices), tumour_slices=int((t > 0).sum()),
-            truth_px=ts, pred_px=ps, inter_px=i, dice=dice, iou=dice / (2 - dice),  # IoU from Dice
-            precision=i / ps if ps else float(ts == 0), recall=i / ts if ts else float(ps == 0),
-        ))  # fmt: skip
+        d = float(dice_from_counts(i, ps, ts))
+        row = dict(patient=vol.patient, slices=len(vol.slices), tumour_slices=int((t > 0).sum()))
+        row |= dict(truth_px=ts, pred_px=ps, inter_px=i, dice=d, iou=d / (2 - d))  # IoU from Dice
+        row |= dict(
+            precision=i / ps if ps else float(ts == 0), recall=i / ts if ts else float(ps == 0)
+        )
+        patients.append(row)
     return pd.DataFrame(patients), pd.DataFrame(slices), masks
-
-
-def evaluate_patients(probs: dict, volumes: list[Volume], threshold=0.5, min_size=0,
-                      keep_largest=False, drop_ends=0.0):  # fmt: skip
-    """score_patients without the masks: (one row per patient, one row per slice)."""
-    return score_patients(probs, volumes, threshold, min_size, keep_largest, drop_ends)[:2]
 
 
 def bootstrap_ci(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple:
@@ -842,36 +954,75 @@ def summarise(patients, slices) -> dict:
     return {k: int(v) if k.startswith("empty") else float(v) for k, v in metrics.items()}
 
 
-# ----------------------------- 6. Tools: show_source (seg_draw), command line (no lesson)
-
-# Using the model on a new scan (seg_predict.py), the sweep and ensembles (seg_ensemble.py) and
-# the mask viewer (seg_viewer.py) are su.<name> too, looked up on first use: `import seg_utils`
-# stays light, with no import circle.
-_LAZY = dict.fromkeys(("predict", "export_onnx", "read_scan", "parse_channels", "needed_inputs",
-                       "site_shift_scores", "site_shift_table", "SHIFTS"), "seg_predict")  # fmt: skip
-_LAZY["mask_viewer"] = "seg_viewer"
-_LAZY |= dict.fromkeys(("cross_validation_folds", "choose_settings", "predict_ensemble",
-                        "load_ensemble", "models_to_score", "sweep_postprocessing"),
-                       "seg_ensemble")  # fmt: skip
+SWEEP = dict(  # the post-processing choices tried on validation (or out of fold)
+    tta=(False, True),
+    threshold=(0.3, 0.4, 0.5, 0.6, 0.7),
+    min_size=(0, 100, 500, 1000),  # with keep="all"
+    keep=("all", "largest", "mass"),
+    drop_ends=(0.0, 0.1, 0.2),
+)
 
 
-def __dir__() -> list[str]:
-    """dir(su) and tab completion list the lazy names too."""
-    return sorted([*globals(), *_LAZY])
+def sweep_postprocessing(probs: dict, volumes: list[Volume], grid: dict | None = None):
+    """Mean per-patient Dice of every PostProcess in `grid` (default SWEEP): probs is
+    {tta: {patient: (D, H, W)}}. Blobs are found once per patient and threshold; each setting
+    keeps some of them by PostProcess.blobs_to_keep, so every Dice is the one score_patients gives."""
+    import pandas as pd
+
+    grid = {**SWEEP, **(grid or {})}
+    dice: dict = {}
+    for tta, threshold, vol in itertools.product(grid["tta"], grid["threshold"], volumes):
+        prob = probs[tta][vol.patient]
+        check_probabilities(prob, vol, threshold)
+        blobs = _blob_counts(prob, vol.mask, threshold, grid["drop_ends"])
+        for post in _settings(grid, tta, threshold):
+            sizes = blobs["mass"] if post.keep == "mass" else blobs["voxels"]
+            keep = post.blobs_to_keep(sizes, blobs["at_ends"][post.drop_ends])
+            hits, voxels = blobs["hits"][keep].sum(), blobs["voxels"][keep].sum()
+            dice.setdefault(post, []).append(float(dice_from_counts(hits, voxels, blobs["truth"])))
+    return pd.DataFrame([asdict(p) | dict(dice=float(np.mean(d))) for p, d in dice.items()])
 
 
-def __getattr__(name: str):
-    """Module attribute fallback for the names of seg_predict, seg_ensemble, seg_viewer (PEP 562)."""
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'seg_utils' has no attribute {name!r}")
+def _settings(grid: dict, tta: bool, threshold: float):
+    """Every PostProcess of the grid at one tta and threshold (min_size with keep="all" only)."""
+    for drop_ends, keep in itertools.product(grid["drop_ends"], grid["keep"]):
+        for min_size in grid["min_size"] if keep == "all" else (0,):
+            yield PostProcess(tta, threshold, min_size, keep, drop_ends)
 
 
-if __name__ == "__main__":  # python -m seg_utils data|predict|export|inputs: seg_predict.main
+def _blob_counts(prob: np.ndarray, mask: np.ndarray, threshold: float, ends) -> dict:
+    """Per 3D blob of prob >= threshold: its voxels, probability mass, voxels on the truth
+    (hits) and, for each drop_ends, whether it lies at the stack's ends; the truth's size."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(prob >= threshold)
+    flat = labels.ravel()
+
+    def per_blob(weights=None):  # (n,) sums over each blob 1..n
+        return np.bincount(flat, weights, minlength=n + 1)[1:]
+
+    at_ends = {e: blobs_at_the_ends(labels, n, e) for e in ends}
+    hits = per_blob(mask.ravel().astype(np.float64))
+    counts = dict(voxels=per_blob(), mass=per_blob(prob.ravel()), hits=hits, at_ends=at_ends)
+    return counts | dict(truth=int(mask.sum()))
+
+
+def choose_postprocess(sweep) -> tuple[PostProcess, float]:
+    """The best row of a sweep_postprocessing table and its Dice; ties keep the first row (no
+    TTA, lower thresholds, fewer rules first)."""
+    best = sweep.loc[sweep.dice.idxmax()]
+    post = PostProcess(
+        bool(best.tta), float(best.threshold), int(best.min_size), best.keep, float(best.drop_ends)
+    )
+    return post, float(best.dice)
+
+
+if __name__ == "__main__":  # the command line of earlier versions
     import sys
 
-    import seg_predict
-
-    sys.exit(seg_predict.main(sys.argv[1:]))
+    print(
+        "the command line moved: run `unet-seg predict|export|inputs|data ...` (or "
+        "`python -m seg_cli ...`); `unet-seg --help` lists the commands",
+        file=sys.stderr,
+    )
+    sys.exit(2)

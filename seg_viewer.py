@@ -1,33 +1,32 @@
-"""seg_viewer: the mask viewer of notebooks 01, 04 and 05 (also a Voila app), as `su.mask_viewer`.
+"""seg_viewer: the mask viewer of notebook 05 (also a Voila app, `make viewer`).
 
-Widgets, not a lesson: the notebooks call it and say what it shows; the work it displays is
-seg_utils' own (predict_volume, postprocess, dice_score, seg_draw.render_slice), looked up through
-`su` at call time. Tests drive it from Python (tests/test_viewer.py) and in a browser
+Widgets, not a lesson: notebook 05 calls `mask_viewer` and says what it shows; the work it
+displays is seg_utils' own (Segmenter.probabilities, PostProcess.apply, dice_score) and
+seg_draw.render_slice. Tests drive it from Python (tests/test_viewer.py) and in a browser
 (tests/test_browser.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 import seg_utils as su
+from seg_draw import render_slice
 
 
-def mask_viewer(volumes: list[su.Volume], probs: dict | None = None, model=None, pre=None,
-                threshold: float = 0.5, min_size: int = 0, keep_largest: bool = False,
-                tta: bool = False, drop_ends: float = 0.0):  # fmt: skip
+def mask_viewer(volumes: list[su.Volume], segmenter: su.Segmenter | None = None, probs=None):
     """ipywidgets viewer: patient, slice, channel, truth/prediction, opacity and threshold.
-    Predictions come from `probs` ({patient: (D, H, W)}) or from `model` + `pre` (with `tta`),
-    computed once per patient, then thresholded and post-processed (postprocess with
-    `min_size`, `keep_largest`, `drop_ends`). The returned VBox has `.controls` (its widgets)
-    for tests."""
+    Predictions come from `probs` ({patient: (D, H, W)}) or from the segmenter, computed once
+    per patient, then made masks by the segmenter's PostProcess at the slider's threshold. The
+    returned VBox has `.controls` (its widgets) for tests."""
     import ipywidgets as W
 
-    if model is not None and pre is None:
-        raise ValueError("mask_viewer(model=...) needs pre= too: take both from load_checkpoint")
+    post = segmenter.post if segmenter is not None else su.PostProcess()
     by_name = {v.patient: v for v in volumes}
     cache, masks = dict(probs or {}), {}  # probabilities per patient, masks per threshold
-    has_pred = probs is not None or model is not None
+    has_pred = probs is not None or segmenter is not None
     c = {
         "patient": W.Dropdown(options=list(by_name), description="patient"),
         "slice": W.IntSlider(0, 0, 1, description="slice", readout=False),  # the label names it
@@ -36,46 +35,47 @@ def mask_viewer(volumes: list[su.Volume], probs: dict | None = None, model=None,
             options=[(n, i) for i, n in enumerate(su.CHANNELS)] + [("all three", -1)],
             value=su.FLAIR,
             description="channel",
-        ),  # fmt: skip
+        ),
         "truth": W.Checkbox(True, description="truth (green)", indent=False),
         "pred": W.Checkbox(
             has_pred, description="prediction (red)", disabled=not has_pred, indent=False
         ),
         "opacity": W.FloatSlider(0.35, min=0.0, max=1.0, step=0.05, description="opacity"),
         "threshold": W.FloatSlider(
-            threshold, min=0.05, max=0.95, step=0.05, description="threshold", disabled=not has_pred
-        ),  # fmt: skip
+            post.threshold, min=0.05, max=0.95, step=0.05, description="threshold"
+        ),
         "label": W.Label(),
         "image": W.Image(format="png", width=384, height=384),
     }
     for name, widget in c.items():
         widget.add_class(f"viewer-{name}")
 
+    c["threshold"].disabled = not has_pred
+
     def probabilities(vol: su.Volume):
-        if vol.patient not in cache and model is not None:
-            cache[vol.patient] = su.predict_volume(model, vol, pre, tta=tta)
+        if vol.patient not in cache and segmenter is not None:
+            cache[vol.patient] = segmenter.probabilities(vol.image)
         return cache.get(vol.patient)
 
     def prediction(vol: su.Volume, threshold: float):
         prob = probabilities(vol) if has_pred else None
         if prob is not None and (vol.patient, threshold) not in masks:
-            masks[vol.patient, threshold] = su.postprocess(
-                prob >= threshold, min_size, keep_largest, prob, drop_ends
-            )
+            masks[vol.patient, threshold] = replace(post, threshold=threshold).apply(prob)
         return masks.get((vol.patient, threshold))
 
     def redraw(*_):
         vol, z = by_name[c["patient"].value], c["slice"].value
         pred = prediction(vol, c["threshold"].value)
         show_pred = pred is not None and c["pred"].value
-        c["image"].value = su.render_slice(vol.image[z], vol.mask[z] if c["truth"].value else None,
-                                        pred[z] if show_pred else None,
-                                        None if c["channel"].value < 0 else c["channel"].value,
-                                        c["opacity"].value)  # fmt: skip
-        text = f"{vol.patient} slice {vol.slices[z]} ({z + 1}/{len(vol.slices)}), tumour px {int(vol.mask[z].sum())}"
+        truth = vol.mask[z] if c["truth"].value else None
+        channel = None if c["channel"].value < 0 else c["channel"].value
+        shown = pred[z] if show_pred else None
+        c["image"].value = render_slice(vol.image[z], truth, shown, channel, c["opacity"].value)
+        text = f"{vol.patient} slice {vol.slices[z]} ({z + 1}/{len(vol.slices)})"
+        text += f", tumour px {int(vol.mask[z].sum())}"
         if pred is not None:
-            text += (f" | Dice slice {su.dice_score(pred[z], vol.mask[z]):.3f}, patient "
-                     f"{su.dice_score(pred, vol.mask):.3f} @ threshold {c['threshold'].value:.2f}")  # fmt: skip
+            text += f" | Dice slice {su.dice_score(pred[z], vol.mask[z]):.3f}, patient "
+            text += f"{su.dice_score(pred, vol.mask):.3f} @ threshold {c['threshold'].value:.2f}"
         c["label"].value = text
 
     def new_patient(*_):
@@ -99,8 +99,9 @@ def mask_viewer(volumes: list[su.Volume], probs: dict | None = None, model=None,
     for name in ("slice", "channel", "truth", "pred", "opacity", "threshold"):
         c[name].observe(redraw, "value")
     new_patient()
-    controls = W.VBox([c["patient"], W.HBox([c["slice"], c["jump"]]), c["channel"],
-                       W.HBox([c["truth"], c["pred"]]), c["opacity"], c["threshold"]])  # fmt: skip
+    rows = [c["patient"], W.HBox([c["slice"], c["jump"]]), c["channel"]]
+    rows += [W.HBox([c["truth"], c["pred"]]), c["opacity"], c["threshold"]]
+    controls = W.VBox(rows)
     box = W.VBox([W.HBox([controls, c["image"]]), c["label"]])
     box.controls = c
     return box
