@@ -26,7 +26,7 @@ def cpu_supports_bf16() -> bool:
 
 
 def pick_precision(device: torch.device, requested: str = "auto") -> str:
-    """ "bf16" where the hardware runs it natively (measured 2-3x faster on such CPUs), else "fp32"."""
+    """ "bf16" where the hardware runs it natively (several times faster than fp32 there), else "fp32"."""
     if requested not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', not {requested!r}")
     if requested != "auto":

@@ -111,7 +111,10 @@ def read_checkpoint(path: str | Path) -> dict:
             f"benchmarks/train_lgg.py) with this seg_utils, which writes {CHECKPOINT_FORMAT}"
         )
     if found != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} was not written by seg_utils ({CHECKPOINT_FORMAT})")
+        raise CheckpointError(
+            f"{path} was not written by seg_utils ({CHECKPOINT_FORMAT}): pass best.pt or last.pt "
+            "from notebook 03 or train_lgg.py, or a model file of notebook 04 or cross_validate.py"
+        )
     return state
 
 
@@ -135,7 +138,7 @@ def _new_folder(path: Path) -> Path:
 
 
 def _keep_previous_run(run_dir: Path) -> None:
-    """Move all an earlier run left in run_dir (checkpoints, history, test_metrics.json, ...)
+    """Move all an earlier run left in run_dir (checkpoints, history, ...)
     to a new run_dir/previous-<time last written>/: a fresh start deletes or mixes up nothing."""
     earlier = [p for p in sorted(run_dir.glob("*")) if not p.name.startswith("previous")]
     if not earlier:

@@ -5,7 +5,7 @@ written in the kaggle_3m layout, so that every notebook runs without a download.
 nothing about real tumours. No lesson teaches this file: seg_utils.resolve_data_dir calls it, and
 `su.make_synthetic_dataset` is the same function.
 
-    python -m seg_utils data     # generates data/synthetic/kaggle_3m once, if no real data is found
+    unet-seg data     # generates data/synthetic/kaggle_3m once, if no real data is found
 """
 
 from __future__ import annotations

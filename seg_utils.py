@@ -188,7 +188,7 @@ def load_volumes(records: list[SliceRecord], progress: bool = True) -> list[Volu
 def head_mask(image: np.ndarray) -> np.ndarray:
     """(..., H, W, 3) -> (..., H, W) bool: pixels brighter in some channel than 10% of the
     brightest pixel. MRI background is faint noise, not 0; this rule tells the head from it."""
-    brightest = image.max(axis=-1)
+    brightest = np.maximum(np.maximum(image[..., 0], image[..., 1]), image[..., 2])  # (..., H, W)
     return brightest > 0.1 * brightest.max()
 
 
@@ -331,6 +331,8 @@ class SliceDataset(torch.utils.data.Dataset):
     """2D slices of prepared volumes as (image (C, S, S), mask (1, S, S)) float32 tensors."""
 
     def __init__(self, volumes: list[PreparedVolume], transform=None):
+        if not volumes:
+            raise ValueError("SliceDataset: no volumes (is the training split empty?)")
         if len({v.pre for v in volumes}) != 1:
             raise ValueError("SliceDataset: prepare every volume with one Preprocess")
         self.volumes = volumes
@@ -580,11 +582,11 @@ def train_one_epoch(
     return total / seen
 
 
-def predict_prepared(model, volume: PreparedVolume, mirror=False, batch_size=32) -> np.ndarray:
+def predict_prepared(model, volume: PreparedVolume, mirror=False, precision="auto") -> np.ndarray:
     """Tumour probability (D, S, S) of a prepared volume; `mirror` predicts the left-right mirror
-    image and flips the answer back."""
+    image and flips the answer back. Batches of 32 slices."""
     device = next(model.parameters()).device
-    precision = pick_precision(device)
+    precision, batch_size = pick_precision(device, precision), 32
     model.eval()  # BatchNorm uses the statistics it learned, not the batch's
     out = []
     with torch.no_grad(), autocast(device, precision):
@@ -597,9 +599,13 @@ def predict_prepared(model, volume: PreparedVolume, mirror=False, batch_size=32)
     return np.concatenate(out)
 
 
-def validate(model, volumes: list[PreparedVolume]) -> float:
-    """Mean per-patient Dice at the training size, threshold 0.5 (the model-selection score)."""
-    return float(np.mean([dice_score(predict_prepared(model, v) >= 0.5, v.mask) for v in volumes]))
+def validate(model, volumes: list[PreparedVolume], precision="auto") -> float:
+    """Mean per-patient Dice at the training size, threshold 0.5 (the model-selection score),
+    in the training's precision, so that a run chooses the same epoch on any CPU."""
+    dice = [
+        dice_score(predict_prepared(model, v, precision=precision) >= 0.5, v.mask) for v in volumes
+    ]
+    return float(np.mean(dice))
 
 
 def train(
@@ -649,9 +655,10 @@ def train(
             args = (optimizer, scheduler, precision, config, epoch, average, progress)
             loss = train_one_epoch(model, loader, *args)
             chosen = net if average is None else average  # what is validated and saved
-            row = dict(epoch=epoch + 1, train_loss=loss, val_dice=validate(chosen, val_volumes))
+            val_dice = validate(chosen, val_volumes, precision)
+            row = dict(epoch=epoch + 1, train_loss=loss, val_dice=val_dice)
             if average is not None:  # the trained weights' own score, to see what averaging adds
-                row["val_dice_raw"] = validate(net, val_volumes)
+                row["val_dice_raw"] = validate(net, val_volumes, precision)
             row |= dict(lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - start)
             history.append(row)
             epochs.set_postfix(loss=f"{loss:.3f}", val_dice=f"{row['val_dice']:.3f}")
@@ -721,16 +728,16 @@ class PostProcess:
         return sizes >= self.min_size
 
 
-def blobs_at_the_ends(labels: np.ndarray, n: int, fraction: float) -> np.ndarray:
+def blobs_at_the_ends(labels: np.ndarray, n: int, fraction: float, boxes=None) -> np.ndarray:
     """Per blob 1..n of ndimage.label: does it lie wholly within the first or last `fraction` of
-    the slices? (n,) bool; all False for fraction 0."""
+    the slices? (n,) bool; all False for fraction 0. `boxes`: ndimage.find_objects(labels)."""
     from scipy import ndimage
 
     if fraction <= 0 or n == 0:
         return np.zeros(n, bool)
     depth = len(labels)  # (D, H, W)
-    spans = [(box[0].start, box[0].stop) for box in ndimage.find_objects(labels)]
-    ends = [stop <= fraction * depth or start >= (1 - fraction) * depth for start, stop in spans]
+    boxes = ndimage.find_objects(labels) if boxes is None else boxes
+    ends = [z.stop <= fraction * depth or z.start >= (1 - fraction) * depth for z, *_ in boxes]
     return np.array(ends, dtype=bool)
 
 
@@ -828,7 +835,8 @@ def _contiguous(net: nn.Module) -> dict:
 
 def load_segmenter(*paths, device: torch.device | None = None) -> Segmenter:
     """A Segmenter from a checkpoint of train() or a file of Segmenter.save(), in eval mode on
-    `device`; several paths: one ensemble of all their networks, with the first file's post."""
+    `device`; several paths: one ensemble of all their networks, with the default PostProcess
+    (choose the ensemble's own with sweep_postprocessing)."""
     device = device or pick_device()
     nets, pres, who, posts = [], [], [], []
     for path in paths:
@@ -846,7 +854,7 @@ def load_segmenter(*paths, device: torch.device | None = None) -> Segmenter:
             ) from e
     for net in nets:
         to_layout(net, pick_precision(device)).to(device).eval()
-    post, chosen_on = posts[0] if len(posts) == 1 else (posts[0][0], "defaults")
+    post, chosen_on = posts[0] if len(posts) == 1 else (PostProcess(), "defaults")
     return Segmenter(nets, pres, post, chosen_on, who)
 
 
@@ -867,7 +875,8 @@ def check_split(segmenter: Segmenter, splits: dict) -> None:
         if leaked:
             raise DataError(
                 f"{len(leaked)} evaluation patients ({', '.join(sorted(leaked)[:3])}, ...) trained "
-                "or chose this model: use the LGG_DATA and split of notebook 03"
+                "or chose this model: score it on the data and split it was trained with "
+                "(LGG_DATA, the split of notebook 03, or a cross-validation's folds.json)"
             )
 
 
@@ -996,14 +1005,17 @@ def _blob_counts(prob: np.ndarray, mask: np.ndarray, threshold: float, ends) -> 
     from scipy import ndimage
 
     labels, n = ndimage.label(prob >= threshold)
-    flat = labels.ravel()
+    inside = np.flatnonzero(labels)  # the foreground voxels: the only ones in a blob
+    flat = labels.ravel()[inside]
 
-    def per_blob(weights=None):  # (n,) sums over each blob 1..n
+    def per_blob(values=None):  # (n,) sums over each blob 1..n of values (D, H, W)
+        weights = None if values is None else values.ravel()[inside]
         return np.bincount(flat, weights, minlength=n + 1)[1:]
 
-    at_ends = {e: blobs_at_the_ends(labels, n, e) for e in ends}
-    hits = per_blob(mask.ravel().astype(np.float64))
-    counts = dict(voxels=per_blob(), mass=per_blob(prob.ravel()), hits=hits, at_ends=at_ends)
+    boxes = ndimage.find_objects(labels)  # once for every drop_ends
+    at_ends = {e: blobs_at_the_ends(labels, n, e, boxes) for e in ends}
+    hits = per_blob(mask.astype(np.float64))
+    counts = dict(voxels=per_blob(), mass=per_blob(prob), hits=hits, at_ends=at_ends)
     return counts | dict(truth=int(mask.sum()))
 
 

@@ -36,7 +36,7 @@ config = su.TrainConfig(batch_size=args.batch_size)
 def seconds_per_step(workers: int) -> float:
     """Median wall time of a training step, loading included, with `workers` loader workers."""
     config.num_workers = workers
-    loader = iter(su._epoch_loader(dataset, config, su.tumour_weights(dataset), epoch=0))
+    loader = iter(su.epoch_loader(dataset, config, su.tumour_weights(dataset), epoch=0))
     su.train_step(model, optimizer, *next(loader), precision)  # warm-up, workers started
     times = []
     for _ in range(args.steps):
@@ -50,10 +50,14 @@ results = {w: [] for w in (0, 1, 2)}
 for _ in range(args.rounds):
     for workers in results:
         results[workers].append(seconds_per_step(workers))
-print(f"{len(dataset)} slices, {args.size} px, batch {args.batch_size}, {precision}, "
-      f"torch threads {torch.get_num_threads()}")  # fmt: skip
+print(
+    f"{len(dataset)} slices, {args.size} px, batch {args.batch_size}, {precision}, "
+    f"torch threads {torch.get_num_threads()}"
+)
 base = np.median(results[0])
 for workers, times in results.items():
     step = np.median(times)
-    print(f"num_workers={workers}: {1000 * step:6.1f} ms/step, "
-          f"{args.batch_size / step:6.1f} img/s, {base / step:.2f}x of 0 workers")  # fmt: skip
+    print(
+        f"num_workers={workers}: {1000 * step:6.1f} ms/step, "
+        f"{args.batch_size / step:6.1f} img/s, {base / step:.2f}x of 0 workers"
+    )

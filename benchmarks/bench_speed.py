@@ -28,8 +28,8 @@ Run it from the repository root in the benchmark venv (see benchmarks/requiremen
                                                                # onnxruntime row): no MONAI, no smp
 
 --quick runs 1 warm-up + 2 timed steps per configuration instead of 2 + up to 15, to check
-that the script works (a minute or two on 2 idle cores). The full run stops adding timed
-rounds at about 5 minutes (at least 3 rounds run), so a busy machine gets fewer steps.
+that the script works. The full run stops adding timed rounds after --budget seconds (at least
+3 rounds run), so a busy machine gets fewer steps.
 Other flags: --batch, --size, --steps, --warmup, --threads, --models, --budget.
 On CPUs without native bf16 (AVX2 only) bf16 is often much slower than fp32; the script
 still finishes and says so.
@@ -233,8 +233,14 @@ def onnxruntime_ips(x: torch.Tensor, steps: int, warmup: int) -> float | None:
     options.intra_op_num_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "unet.onnx"
-        torch.onnx.export(model, (x,), path, input_names=["image"], verbose=False,
-                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}})  # fmt: skip
+        torch.onnx.export(
+            model,
+            (x,),
+            path,
+            input_names=["image"],
+            verbose=False,
+            dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+        )
         session = onnxruntime.InferenceSession(
             str(path), options, providers=["CPUExecutionProvider"]
         )
@@ -364,11 +370,8 @@ def main() -> None:
         cells += [f"{r['peak_rss']:.0f}", f"+{r['peak_rss'] - previous_rss:.0f}"]
         previous_rss = r["peak_rss"]
         rows.append(cells)
-    print_table(
-        ["model", "params", "GFLOP/batch", "train fp32", "train bf16", "speed-up",
-         "infer fp32", "infer bf16", "speed-up", "peak RSS MiB", "(+MiB)"],
-        rows,
-    )  # fmt: skip
+    columns = [c for mode in MODES for c in (*(f"{mode} {p}" for p in PRECISIONS), "speed-up")]
+    print_table(["model", "params", "GFLOP/batch", *columns, "peak RSS MiB", "(+MiB)"], rows)
     print("GFLOP/batch: conv/matmul FLOPs of one forward pass of the batch (training: 3x).")
     print(
         f"peak RSS: the process's high-water mark (ru_maxrss) after that model's warm-up runs "
@@ -380,8 +383,11 @@ def main() -> None:
     ort = onnxruntime_ips(x, steps, warmup)
     if ort is not None:
         torch_ips = ips(REFERENCE, "infer", "fp32")
-        print(f"Inference fp32, {label[REFERENCE]}: PyTorch {torch_ips:.1f} images/s, onnxruntime "
-              f"{ort:.1f} images/s ({ort / torch_ips:.2f}x; timed after the rounds, not interleaved)\n")  # fmt: skip
+        print(
+            f"Inference fp32, {label[REFERENCE]}: PyTorch {torch_ips:.1f} images/s, "
+            f"onnxruntime {ort:.1f} images/s ({ort / torch_ips:.2f}x; timed after the rounds, "
+            "not interleaved)\n"
+        )
 
     print(f"Speed relative to the {label[REFERENCE]} (images/s ratio; >1 = faster than it)")
     rows = [

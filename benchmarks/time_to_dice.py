@@ -2,21 +2,21 @@
 other on this machine, so that their ratio is measured side by side.
 
     LGG_DATA=/path/to/kaggle_3m python benchmarks/time_to_dice.py --run-dir runs/ttd old default
-    LGG_DATA=... python benchmarks/time_to_dice.py old default:size=96,epochs=20 --figure img/time_to_dice.png
-    LGG_DATA=... python benchmarks/time_to_dice.py old default --target 0.78045  # old: epoch 13
+    LGG_DATA=... python benchmarks/time_to_dice.py old default:size=96,epochs=20 --figure ttd.png
+    LGG_DATA=... python benchmarks/time_to_dice.py old default --target 0.78
 
 Each positional argument is a recipe of train_lgg.py (`old`, `default`), optionally with changes
 (`default:size=96,epochs=20`). Each recipe trains on the split's training patients into
 run-dir/<recipe>/ (a run there is resumed, or reused when finished, and the epochs an earlier
 call trained are counted in the output: their seconds come from that call, so resume only on the
-same machine under the same load), with train()'s validation Dice after every epoch (training size, threshold 0.5,
-the model-selection score). The seconds of an epoch include its validation, as a user waits for it.
---target gives the Dice to reach instead (the old recipe's best, 0.78045, came at epoch 13 of
-40): each recipe then stops, resumable, at the first epoch that reaches it, since later epochs
-cannot change its time to it. Printed: each recipe's curve, the first recipe's best validation
-Dice as the target (or --target), the time every recipe took to reach it and the speed-up over
-the first recipe, and this machine's measured peak (the best of five 3x3 convolutions,
-16 x 64 x 128 x 128), since machines of one name differ.
+same machine under the same load), with train()'s validation Dice after every epoch (training
+size, threshold 0.5, the model-selection score). The seconds of an epoch include its validation,
+as a user waits for it. --target gives the Dice to reach instead: each recipe then stops,
+resumable, at the first epoch that reaches it, since later epochs cannot change its time to it.
+Printed: each recipe's curve, the first recipe's best validation Dice as the target (or
+--target), the time every recipe took to reach it and the speed-up over the first recipe, and
+this machine's measured peak (the best of five 3x3 convolutions, 16 x 64 x 128 x 128), since
+machines of one name differ.
 """
 
 from __future__ import annotations
@@ -89,8 +89,9 @@ def stop_at(target: float):
     return lambda history: history[-1]["val_dice"] >= target
 
 
-def run_recipe(name: str, recipe: dict, splits: dict, run_dir: Path,
-               target: float | None = None) -> tuple[list, int]:  # fmt: skip
+def run_recipe(
+    name: str, recipe: dict, splits: dict, run_dir: Path, target: float | None = None
+) -> tuple[list, int]:
     """The recipe's history (trained now, resumed, or a finished run reused) and how many of its
     epochs an earlier call trained: their seconds come from that call. With a target, training
     stops once it is reached (and an earlier call's run that reached it is reused as it is). A
@@ -101,8 +102,15 @@ def run_recipe(name: str, recipe: dict, splits: dict, run_dir: Path,
     if target is not None and seconds_to_reach(curve(earlier), target) is not None:
         return earlier, len(earlier)
     stop = None if target is None else stop_at(target)
-    history = train_run(splits["train"], splits["val"], where, recipe, resume=bool(earlier),
-                        progress=False, on_epoch_end=stop)  # fmt: skip
+    history = train_run(
+        splits["train"],
+        splits["val"],
+        where,
+        recipe,
+        resume=bool(earlier),
+        progress=False,
+        on_epoch_end=stop,
+    )
     if stop and len(history) < recipe["epochs"] and history[-1]["val_dice"] >= target:
         print(f"{name}: reached {target} at epoch {len(history)}, stopped there (resumable)")
     return history, len(earlier)
@@ -116,8 +124,12 @@ def plot(curves: dict, target: float, path: str) -> None:
     for name, points in curves.items():
         ax.plot([s / 60 for s, _ in points], [d for _, d in points], "o-", ms=3, label=name)
     ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.3f}")
-    ax.set(xlabel="training wall-clock, minutes", ylabel="validation Dice (per patient)",
-           title="time to Dice", ylim=(0, 1))  # fmt: skip
+    ax.set(
+        xlabel="training wall-clock, minutes",
+        ylabel="validation Dice (per patient)",
+        title="time to Dice",
+        ylim=(0, 1),
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -128,8 +140,12 @@ def main() -> None:
     parser.add_argument("recipes", nargs="+", help="recipes, the first is the reference")
     parser.add_argument("--run-dir", default="runs/time_to_dice")
     parser.add_argument("--figure", help="also save the curves as this PNG")
-    parser.add_argument("--target", type=float, help="validation Dice to reach (default: the "
-                        "first recipe's best); each recipe stops once it reaches it")  # fmt: skip
+    parser.add_argument(
+        "--target",
+        type=float,
+        help="validation Dice to reach (default: the first recipe's best); each recipe stops "
+        "once it reaches it",
+    )
     args = parser.parse_args()
     recipes = dict(map(parse_recipe, args.recipes))
     print(machine_line())
@@ -140,8 +156,11 @@ def main() -> None:
     for name, recipe in recipes.items():
         history, earlier = run_recipe(name, recipe, splits, Path(args.run_dir), args.target)
         curves[name] = curve(history)
-        print(f"{name} ({earlier} of {len(history)} epochs from an earlier call): " + ", ".join(
-            f"{s:.0f}s {d:.3f}" for s, d in curves[name]), flush=True)  # fmt: skip
+        print(
+            f"{name} ({earlier} of {len(history)} epochs from an earlier call): "
+            + ", ".join(f"{s:.0f}s {d:.3f}" for s, d in curves[name]),
+            flush=True,
+        )
     reference = next(iter(curves))
     target = args.target if args.target is not None else max(d for _, d in curves[reference])
     base = seconds_to_reach(curves[reference], target)

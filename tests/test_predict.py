@@ -1,63 +1,44 @@
-"""seg_predict: predict on a patient folder, a slice folder and NIfTI, bad inputs, channels,
-ONNX export and the site-shift check, with tiny U-Nets trained on the synthetic set."""
+"""seg_predict, seg_scan, seg_export and seg_cli: a new scan in each form a user may give, the
+inputs refused and why, the rules for the out folder, ONNX export and the command line.
 
-import dataclasses
+The models are conftest's session fixtures (tiny_model, flair_model), never trained here. Known
+answers: one scan given as a patient folder, a folder of PNG slices or NIfTI volumes in other
+orientations gets one mask; a mask lands on the tumour and not on its mirror image. Reading and
+refusing inputs is tested on seg_scan itself, without a model; the command line in-process
+(seg_cli.main) but for one test that runs the installed commands.
+"""
+
 import json
+import os
+import runpy
 import shutil
 import stat
 import subprocess
 import sys
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import cv2
+import nibabel as nib
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
-import seg_predict as sp
+import seg_cli
+import seg_predict
 import seg_utils as su
-from seg_utils import CheckpointError, DataError
-
-CONFIG = su.TrainConfig(epochs=3, batch_size=8, precision="fp32")
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: repeatable numbers
+from seg_export import export_onnx, onnx_session
+from seg_predict import channel_warnings, predict
+from seg_scan import read_scan, to_uint8
+from seg_utils import FLAIR, CheckpointError, DataError
 
 
 @pytest.fixture(scope="module")
-def data_dir(synthetic_set):
-    return synthetic_set(8, 0)
-
-
-def train_tiny(data_dir, run_dir, channels, epochs=CONFIG.epochs):
-    """A width-8 depth-3 U-Net trained on the synthetic set at 64 px; returns best.pt."""
-    split = su.split_by_patient(su.scan_dataset(data_dir), seed=0)
-    pre = su.Preprocess(size=64, channels=channels)
-    train_set = su.SliceDataset.from_records(split["train"], pre, progress=False)
-    val = su.prepare_volumes(su.load_volumes(split["val"], progress=False), pre)
-    su.seed_everything(0)
-    model = su.UNet(in_channels=len(channels), base_width=8, depth=3)
-    config = su.TrainConfig(epochs=epochs, batch_size=8, precision="fp32")
-    su.train(model, train_set, val, run_dir, config, pre, progress=False)
-    return run_dir / "best.pt"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(data_dir, tmp_path_factory):
-    """A 3-channel tiny U-Net."""
-    return train_tiny(data_dir, tmp_path_factory.mktemp("rgb"), [0, 1, 2])
-
-
-@pytest.fixture(scope="module")
-def flair_checkpoint(data_dir, tmp_path_factory):
-    """A FLAIR-only tiny U-Net."""
-    return train_tiny(data_dir, tmp_path_factory.mktemp("flair"), [su.FLAIR])
-
-
-@pytest.fixture(scope="module")
-def patient(data_dir):
-    """The synthetic patient whose tumour lies farthest from the image centre (so a wrong
-    flip moves it far), as a Volume, with its folder."""
+def patient(synthetic_set):
+    """The synthetic patient whose tumour lies farthest from the image centre (a wrong flip
+    moves it far), as a Volume, and its folder."""
+    data_dir = synthetic_set(8, 0)
     volumes = su.load_volumes(su.scan_dataset(data_dir), progress=False)
 
     def offset(v):
@@ -68,99 +49,54 @@ def patient(data_dir):
     return vol, data_dir / vol.patient
 
 
-def direct_mask(checkpoint, vol):
-    """The reference: su.predict_volume at threshold 0.5 on the Volume itself."""
-    model, pre, _ = su.load_checkpoint(checkpoint)
-    return (su.predict_volume(model, vol, pre) >= 0.5).astype(np.uint8)
-
-
-def no_leftovers(out):
-    """Nothing at `out` and no staging folders beside it."""
-    return not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
-
-
-# ----------------------------------------------------------------------------- patient / slices
-
-
-def test_patient_folder_masks_dice_and_summary(checkpoint, patient, tmp_path):
+@pytest.fixture(scope="module")
+def patient_result(tiny_model, patient, tmp_path_factory):
+    """tiny_model on the patient folder: (summary, (D, H, W) masks as read from its PNGs, the
+    out folder). Copy the folder before changing it."""
     vol, folder = patient
-    summary = su.predict(checkpoint, folder, tmp_path / "out", progress=False)
-    expected = direct_mask(checkpoint, vol)
-    pngs = [tmp_path / "out" / f"{vol.patient}_{n}_mask.png" for n in vol.slices]
-    masks = np.stack([cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in pngs])
-    assert set(np.unique(masks)) <= {0, 255} and masks.any()
-    np.testing.assert_array_equal(masks > 0, expected.astype(bool))
-    assert summary["input_kind"] == "patient"
-    assert summary["dice"] == pytest.approx(su.dice_score(expected, vol.mask))
-    assert summary["tumour_pixels"] == int(expected.sum())
-    assert summary["tumour_slice_count"] == int(expected.any((1, 2)).sum())
-    assert summary["settings"] == sp.DEFAULT_SETTINGS
-    assert "defaults" in summary["settings_source"]
-    written = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert written == summary and cv2.imread(str(tmp_path / "out" / "overlay.png")) is not None
+    out = tmp_path_factory.mktemp("patient") / "out"
+    summary = predict(tiny_model, folder, out, progress=False)
+    return summary, read_masks(out, [f"{vol.patient}_{n}" for n in vol.slices]), out
 
 
-def test_drop_ends_can_be_given_to_predict_and_on_the_command_line(checkpoint, patient, tmp_path):
-    vol, folder = patient
-    summary = su.predict(checkpoint, folder, tmp_path / "out", drop_ends=0.3, progress=False)
-    assert summary["settings"]["drop_ends"] == 0.3
-    assert "overridden by the caller: drop_ends" in summary["settings_source"]
-    args = sp._parser().parse_args(["predict", "m.pt", "scan", "--out", "o", "--drop-ends", "0.2"])
-    assert args.drop_ends == 0.2
+def read_masks(folder, names) -> np.ndarray:
+    """(D, H, W) <name>_mask.png of each name, as written."""
+    return np.stack(
+        [cv2.imread(str(folder / f"{n}_mask.png"), cv2.IMREAD_UNCHANGED) for n in names]
+    )
 
 
 def write_slices(vol, folder, flair_only=False, name="scan-{}", masks=False):
-    """Slices as PNGs named scan-<n>.png (unpadded: 10 after 9), in the set's channel order;
-    with `masks`, <name>_mask.png beside each."""
+    """The slices as PNGs named scan-<n>.png (unpadded: 10 after 9) in the set's channel order,
+    or FLAIR alone; with `masks`, <name>_mask.png beside each."""
     folder.mkdir()
     for n, image, mask in zip(vol.slices, vol.image, vol.mask):
-        pixels = image[..., su.FLAIR] if flair_only else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        pixels = image[..., FLAIR] if flair_only else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
         cv2.imwrite(str(folder / f"{name.format(n)}.png"), pixels)
         if masks:
             cv2.imwrite(str(folder / f"{name.format(n)}_mask.png"), mask * 255)
     return folder
 
 
-def test_slice_folder_three_channel_png_matches_the_patient_folder(checkpoint, patient, tmp_path):
-    vol, _ = patient
-    folder = write_slices(vol, tmp_path / "slices")
-    summary = su.predict(checkpoint, folder, tmp_path / "out", progress=False)
-    masks = np.stack(
-        [cv2.imread(str(tmp_path / "out" / f"scan-{n}_mask.png"), 0) for n in vol.slices]
-    )
-    np.testing.assert_array_equal(masks > 0, direct_mask(checkpoint, vol).astype(bool))
-    assert summary["input_kind"] == "slices" and "dice" not in summary
+def first_slices(vol, n=3):
+    """The volume's first n slices: enough for what reading a folder checks."""
+    return replace(vol, slices=vol.slices[:n], image=vol.image[:n], mask=vol.mask[:n])
 
 
-def test_grey_slices_saved_as_rgb_are_predicted_with_a_warning(checkpoint, patient, tmp_path):
-    vol, _ = patient
-    grey = dataclasses.replace(vol, image=vol.image[..., [su.FLAIR] * 3])
-    folder = write_slices(grey, tmp_path / "grey")  # FLAIR in all three channels
-    summary = su.predict(checkpoint, folder, tmp_path / "out", progress=False)
-    assert len(summary["warnings"]) == 1 and "channels are identical" in summary["warnings"][0]
-    right = su.predict(
-        checkpoint, write_slices(vol, tmp_path / "rgb"), tmp_path / "o2", progress=False
-    )
-    assert right["warnings"] == []
+def grey(vol):
+    """The volume with FLAIR in all three channels: a grey scan saved as RGB."""
+    return replace(vol, image=vol.image[..., [FLAIR] * 3])
 
 
-def test_flair_only_slices_with_a_flair_checkpoint(flair_checkpoint, patient, tmp_path):
-    vol, _ = patient
-    folder = write_slices(vol, tmp_path / "slices", flair_only=True)
-    summary = su.predict(flair_checkpoint, folder, tmp_path / "out", progress=False)
-    assert summary["given_inputs"] == ["FLAIR"] and summary["model_inputs"] == "FLAIR (INPUT)"
-    masks = np.stack(
-        [cv2.imread(str(tmp_path / "out" / f"scan-{n}_mask.png"), 0) for n in vol.slices]
-    )
-    np.testing.assert_array_equal(masks > 0, direct_mask(flair_checkpoint, vol).astype(bool))
+def no_leftovers(out) -> bool:
+    """Nothing at `out` and no staging folders beside it."""
+    return not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
 
 
-# ----------------------------------------------------------------------------- NIfTI
-
-# Hand-written layouts of the set's (D, H, W) = (inferior->superior, anterior->posterior,
-# right->left) volume: how to lay it out in the file, and each file axis's world direction in
-# RAS+ (x to the patient's left->Right, y posterior->Anterior, z inferior->Superior) and voxel
-# sizes: 1 mm in-plane, 2.5 mm slices.
+# How to lay the set's (D, H, W) = (inferior->superior, anterior->posterior, right->left) volume
+# out in a file, each file axis's direction in RAS+ (x to the patient's Right, y Anterior, z
+# Superior) and the voxel sizes: 1 mm in-plane (256 x 256 as the set, so no resampling: the
+# mask must come back voxel for voxel) and 2.5 mm slices.
 LAYOUTS = {
     "LPS": (lambda v: v.transpose(2, 1, 0), [[-1, 0, 0], [0, -1, 0], [0, 0, 1]], (1, 1, 2.5)),
     "ASR": (
@@ -171,213 +107,391 @@ LAYOUTS = {
 }
 
 
-def write_nifti(path, array, directions, spacing):
+def write_nifti(path, array, directions=None, spacing=(1, 1, 1)):
     """A NIfTI file whose axis i points along directions[:, i] with voxel size spacing[i]."""
-    nib = pytest.importorskip("nibabel")
     affine = np.eye(4)
+    directions = np.eye(3) if directions is None else directions
     affine[:3, :3] = np.asarray(directions, float) * np.asarray(spacing, float)
     affine[:3, 3] = (-90.0, 120.0, -30.0)
     nib.Nifti1Image(array, affine).to_filename(path)
-    return affine
+    return path
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_nifti_round_trip_matches_the_slice_prediction(checkpoint, patient, tmp_path, layout):
-    nib = pytest.importorskip("nibabel")
-    vol, _ = patient
+def write_scan_nifti(vol, folder, layout, channels=(0, 1, 2)):
+    """The volume's channels as NIfTI files t1/flair/t1c.nii.gz in `layout`; {channel: path}."""
     to_file, directions, spacing = LAYOUTS[layout]
-    paths = {c: tmp_path / f"{name}.nii.gz" for c, name in enumerate(("t1", "flair", "t1c"))}
-    for c, path in paths.items():
-        affine = write_nifti(path, to_file(vol.image[..., c]), directions, spacing)
-    assert "".join(nib.aff2axcodes(affine)) == layout
-    summary = su.predict(checkpoint, paths[1], tmp_path / "out", t1=paths[0], t1c=paths[2],
-                         progress=False)  # fmt: skip
-    out = nib.load(tmp_path / "out" / "mask.nii.gz")
-    mask = np.asanyarray(out.dataobj)
-    assert mask.shape == to_file(vol.mask).shape and mask.dtype == np.uint8
-    np.testing.assert_allclose(out.affine, affine)
-    expected = to_file(direct_mask(checkpoint, vol))
-    assert expected.any() and not np.array_equal(expected, np.flip(expected, 0))
-    np.testing.assert_array_equal(mask, expected)
-    assert summary["tumour_volume_ml"] == pytest.approx(expected.sum() * 2.5 / 1000)
-    assert summary["axcodes"] == layout
+    folder.mkdir()
+    names = ("t1", "flair", "t1c")
+    return {
+        c: write_nifti(
+            folder / f"{names[c]}.nii.gz", to_file(vol.image[..., c]), directions, spacing
+        )
+        for c in channels
+    }
 
 
-def test_nifti_float_anisotropic_matrix_lands_on_the_tumour(checkpoint, patient, tmp_path):
-    """RAS file, 192 columns of 4/3 mm (the same 256 mm), float intensities: resampled to
-    256 x 256 and back; the mask must fall on the truth, and a flipped mask must not."""
-    nib = pytest.importorskip("nibabel")
+# ----------------------------------------------------------------------------- one scan, any form
+
+
+def test_patient_folder_gives_masks_dice_and_a_summary_of_the_model(
+    tiny_model, patient, patient_result
+):
+    vol, folder = patient
+    summary, masks, out = patient_result
+    assert set(np.unique(masks)) == {0, 255}  # like the set's masks
+    pred = masks > 0
+    assert su.dice_score(pred, vol.mask) > 0.6  # on the tumour...
+    assert su.dice_score(pred, vol.mask[:, ::-1]) < 0.3  # ...not on its mirror images
+    assert su.dice_score(pred, vol.mask[:, :, ::-1]) < 0.3
+    assert summary["dice"] == pytest.approx(su.dice_score(pred, vol.mask))
+    assert summary["tumour_pixels"] == int(pred.sum())
+    tumour = [f"{vol.patient}_{n}" for n, m in zip(vol.slices, pred) if m.any()]
+    assert summary["tumour_slices"] == tumour and summary["tumour_slice_count"] == len(tumour)
+    assert summary["slices"] == len(vol.slices) and summary["input_kind"] == "patient"
+    assert summary["postprocess"] == asdict(su.PostProcess()) and summary["chosen_on"] == "defaults"
+    assert summary["model"] == str(tiny_model) and summary["networks"] == 1
+    assert summary["changed"] == [] and summary["warnings"] == []
+    assert summary["input"] == str(folder) and summary["given_inputs"] == list(su.CHANNELS)
+    written = json.loads((out / "summary.json").read_text())
+    assert written == json.loads(json.dumps(summary))  # tuples become lists, nothing else
+    assert sorted(p.name for p in out.iterdir()) == sorted(summary["outputs"])
+    assert cv2.imread(str(out / "overlay.png")) is not None
+
+
+def test_the_same_scan_as_slices_or_nifti_gets_the_patient_folders_mask(
+    tiny_model, patient, patient_result, tmp_path
+):
+    vol, _ = patient
+    expected = patient_result[1] > 0
+    assert expected.any()
+    slices = predict(
+        tiny_model, write_slices(vol, tmp_path / "png"), tmp_path / "o", progress=False
+    )
+    np.testing.assert_array_equal(
+        read_masks(tmp_path / "o", [f"scan-{n}" for n in vol.slices]) > 0, expected
+    )
+    assert slices["input_kind"] == "slices" and "dice" not in slices and slices["warnings"] == []
+    for layout, (to_file, _, _) in LAYOUTS.items():  # 1 x 1 x 2.5 mm voxels
+        paths = write_scan_nifti(vol, tmp_path / layout, layout)
+        out = tmp_path / f"o-{layout}"
+        summary = predict(tiny_model, paths[1], out, t1=paths[0], t1c=paths[2], progress=False)
+        written = nib.load(out / "mask.nii.gz")
+        mask = np.asanyarray(written.dataobj)
+        assert mask.dtype == np.uint8 and summary["axcodes"] == layout
+        np.testing.assert_allclose(written.affine, nib.load(paths[1]).affine)
+        np.testing.assert_array_equal(mask, to_file(expected), err_msg=layout)
+        assert summary["tumour_volume_ml"] == pytest.approx(expected.sum() * 2.5 / 1000)
+        assert summary["given_inputs"] == list(su.CHANNELS) and summary["input_kind"] == "nifti"
+
+
+def test_nifti_of_float_anisotropic_voxels_is_resampled_and_its_mask_lands_on_the_tumour(
+    tiny_model, patient, tmp_path
+):
+    """RAS, 192 columns of 4/3 mm (the same 256 mm), float intensities: resampled to 256 x 256
+    and back; the mask must fall on the truth, and not on its mirror images."""
     vol, _ = patient
 
     def to_file(v, interpolation):  # (D, 256, 256) -> RAS (192, 256, D)
         narrow = np.stack([cv2.resize(s, (192, 256), interpolation=interpolation) for s in v])
         return narrow[:, ::-1, ::-1].transpose(2, 1, 0)
 
-    paths = {}
+    paths = []
     for c, name in enumerate(("t1", "flair", "t1c")):
         array = to_file(vol.image[..., c], cv2.INTER_AREA).astype(np.float32) * 3.7 + 11.0
-        paths[c] = tmp_path / f"{name}.nii"
-        write_nifti(paths[c], array, np.eye(3), (4 / 3, 1.0, 3.0))
-    su.predict(checkpoint, paths[1], tmp_path / "out", t1=paths[0], t1c=paths[2], progress=False)
+        paths.append(write_nifti(tmp_path / f"{name}.nii", array, np.eye(3), (4 / 3, 1.0, 3.0)))
+    predict(tiny_model, paths[1], tmp_path / "out", t1=paths[0], t1c=paths[2], progress=False)
     mask = np.asanyarray(nib.load(tmp_path / "out" / "mask.nii.gz").dataobj)
     truth = to_file(vol.mask, cv2.INTER_NEAREST)
     assert mask.shape == truth.shape == (192, 256, len(vol.mask))
-    assert su.dice_score(truth, np.flip(truth, 0)) < 0.3  # a wrong flip would fail below
     assert su.dice_score(mask, truth) > 0.6
-    assert (
-        su.dice_score(mask, np.flip(truth, 0)) < 0.3
-        and su.dice_score(mask, np.flip(truth, 1)) < 0.3
-    )
+    assert su.dice_score(mask, np.flip(truth, 0)) < 0.3
+    assert su.dice_score(mask, np.flip(truth, 1)) < 0.3
 
 
-def test_flair_only_nifti_with_flair_and_three_channel_checkpoints(
-    checkpoint, flair_checkpoint, patient, tmp_path
+def test_flair_only_slices_and_nifti_get_the_flair_models_mask_of_the_whole_scan(
+    flair_model, patient, tmp_path
 ):
+    vol, folder = patient
+    whole = predict(flair_model, folder, tmp_path / "whole", progress=False)
+    expected = read_masks(tmp_path / "whole", [f"{vol.patient}_{n}" for n in vol.slices]) > 0
+    assert expected.any() and whole["model_inputs"] == "FLAIR (INPUT)"
+    flair_slices = write_slices(vol, tmp_path / "png", flair_only=True)
+    slices = predict(flair_model, flair_slices, tmp_path / "o-png", progress=False)
+    np.testing.assert_array_equal(
+        read_masks(tmp_path / "o-png", [f"scan-{n}" for n in vol.slices]) > 0, expected
+    )
+    nifti = write_scan_nifti(vol, tmp_path / "nii", "LPS", channels=[FLAIR])
+    alone = predict(flair_model, nifti[FLAIR], tmp_path / "o-nii", progress=False)
+    mask = np.asanyarray(nib.load(tmp_path / "o-nii" / "mask.nii.gz").dataobj)
+    np.testing.assert_array_equal(mask, LAYOUTS["LPS"][0](expected))
+    assert slices["given_inputs"] == alone["given_inputs"] == ["FLAIR"]
+    assert slices["filled_from_flair"] == alone["filled_from_flair"] == []
+
+
+def test_missing_scans_are_refused_with_the_fix_and_fill_missing_copies_flair(
+    tiny_model, patient, tmp_path, capsys
+):
+    """A FLAIR alone for a 3-channel model: refused, naming the flags that add the other scans;
+    --fill-missing flair copies FLAIR into them, which is what a grey scan saved as RGB holds, so
+    both get one mask (the grey one with a warning)."""
     vol, _ = patient
-    flair = tmp_path / "flair.nii.gz"
-    to_file, directions, spacing = LAYOUTS["LPS"]
-    write_nifti(flair, to_file(vol.image[..., su.FLAIR]), directions, spacing)
-    summary = su.predict(flair_checkpoint, flair, tmp_path / "flair-only", progress=False)
-    assert (
-        summary["given_inputs"] == ["FLAIR"] and (tmp_path / "flair-only" / "mask.nii.gz").is_file()
-    )
+    flair_slices = write_slices(vol, tmp_path / "flair", flair_only=True)
     with pytest.raises(
-        DataError, match=r"--t1 pre-contrast.nii.gz and --t1c .*--fill-missing flair"
+        DataError,
+        match=r"needs pre-contrast \(--t1\), FLAIR \(INPUT\), post-contrast \(--t1c\) but .*flair gives FLAIR: add 3-channel slices.*--fill-missing flair",
     ):
-        su.predict(checkpoint, flair, tmp_path / "refused", progress=False)
+        predict(tiny_model, flair_slices, tmp_path / "refused", progress=False)
+    nifti = write_scan_nifti(vol, tmp_path / "nii", "LPS", channels=[FLAIR])
+    with pytest.raises(
+        DataError,
+        match=r"add --t1 pre-contrast.nii.gz and --t1c post-contrast.nii.gz;.*--fill-missing flair",
+    ):
+        predict(tiny_model, nifti[FLAIR], tmp_path / "refused", progress=False)
     assert no_leftovers(tmp_path / "refused")
-    filled = su.predict(
-        checkpoint, flair, tmp_path / "filled", fill_missing="flair", progress=False
+
+    filled = predict(
+        tiny_model, flair_slices, tmp_path / "filled", fill_missing="flair", progress=False
     )
-    assert filled["filled_from_flair"] == ["pre-contrast", "post-contrast"]
+    assert (
+        filled["filled_from_flair"] == ["pre-contrast", "post-contrast"]
+        and filled["warnings"] == []
+    )
+    names = [f"scan-{n}" for n in vol.slices]
+    rgb = write_slices(grey(vol), tmp_path / "grey")
+    argv = ["predict", str(tiny_model), str(rgb), "--out", str(tmp_path / "o-grey"), "--quiet"]
+    assert seg_cli.main(argv) == 0
+    said = capsys.readouterr()
+    summary = json.loads((tmp_path / "o-grey" / "summary.json").read_text())
+    assert len(summary["warnings"]) == 1 and "channels are identical" in summary["warnings"][0]
+    assert said.err == f"warning: {summary['warnings'][0]}\n"
+    assert said.out.startswith(
+        f"{summary['tumour_slice_count']} of {len(vol.slices)} slices with tumour, "
+        f"{summary['tumour_pixels']} px; results in"
+    )
+    np.testing.assert_array_equal(
+        read_masks(tmp_path / "o-grey", names), read_masks(tmp_path / "filled", names)
+    )
 
 
-# ----------------------------------------------------------------------------- bad input
+def test_an_ensemble_file_predicts_and_export_refuses_it(
+    tiny_model, patient, patient_result, tmp_path
+):
+    """Two copies of one network: their mean is that network's probability, so the mask is
+    too. Files joined into an ensemble keep none of their own PostProcess (the first marks
+    nothing at threshold 1.0): the ensemble starts from the defaults."""
+    vol, folder = patient
+    chosen, ensemble = tmp_path / "chosen.pt", tmp_path / "ensemble.pt"
+    shutil.copy(tiny_model, chosen)
+    su.save_choice(chosen, su.PostProcess(threshold=1.0), "validation")
+    su.load_segmenter(chosen, tiny_model).save(ensemble)
+    summary = predict(ensemble, folder, tmp_path / "out", progress=False)
+    assert summary["networks"] == 2 and len(summary["preprocess"]) == 2
+    assert summary["postprocess"] == asdict(su.PostProcess()) and summary["chosen_on"] == "defaults"
+    names = [f"{vol.patient}_{n}" for n in vol.slices]
+    np.testing.assert_array_equal(read_masks(tmp_path / "out", names), patient_result[1])
+    with pytest.raises(DataError, match=r"ensemble.pt holds 2 networks: export one network's file"):
+        export_onnx(ensemble, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
 
 
-def test_single_2d_image_is_refused(checkpoint, patient, tmp_path):
-    one = tmp_path / "one"
-    cv2.imwrite(str(one.with_suffix(".png")), patient[0].image[10])
+# ----------------------------------------------------------------------------- the PostProcess
+
+
+def test_the_model_files_postprocess_is_applied_and_changes_override_it(
+    tiny_model, patient, patient_result, tmp_path
+):
+    vol, folder = patient
+    model = tmp_path / "chosen.pt"
+    shutil.copy(tiny_model, model)
+    su.save_choice(model, su.PostProcess(threshold=1.0), "validation")
+    chosen = predict(model, folder, tmp_path / "chosen", progress=False)
+    assert chosen["tumour_pixels"] == 0, "the tiny U-Net never reaches 1.0: nothing is marked"
+    assert chosen["postprocess"]["threshold"] == 1.0 and chosen["chosen_on"] == "validation"
+    assert chosen["changed"] == []
+    back = predict(model, folder, tmp_path / "back", changes={"threshold": 0.5}, progress=False)
+    assert back["changed"] == ["threshold"] and back["chosen_on"] == "validation"
+    assert back["postprocess"] == asdict(su.PostProcess())
+    names = [f"{vol.patient}_{n}" for n in vol.slices]
+    np.testing.assert_array_equal(read_masks(tmp_path / "back", names), patient_result[1])
+
+
+def test_nonsense_postprocess_changes_are_refused_before_any_work(
+    tiny_model, patient, tmp_path, monkeypatch, capsys
+):
+    """Including a min_size that keep="largest" would ignore: a setting never applied is never
+    recorded as used."""
+    monkeypatch.setattr(seg_predict, "read_scan", lambda *a: pytest.fail("read the scan first"))
+    folder, out = patient[1], tmp_path / "out"
+    largest = tmp_path / "largest.pt"
+    shutil.copy(tiny_model, largest)
+    su.save_choice(largest, su.PostProcess(keep="largest"), "validation")
+    for model, changes, named in [
+        (tiny_model, dict(threshold=-1), "threshold"),
+        (tiny_model, dict(threshold=float("nan")), "threshold"),
+        (tiny_model, dict(threshold="high"), "threshold"),
+        (tiny_model, dict(drop_ends=0.5), "drop_ends"),
+        (tiny_model, dict(min_size=-5), "min_size"),
+        (tiny_model, dict(min_size=2.5), "min_size"),
+        (tiny_model, dict(keep="biggest"), "keep"),
+        (tiny_model, dict(tta=1), "tta"),
+        (tiny_model, dict(min_size=100, keep="largest"), 'min_size applies with keep="all"'),
+        (largest, dict(min_size=100), 'min_size applies with keep="all"'),
+        (tiny_model, dict(thresold=0.4), "thresold"),
+    ]:
+        with pytest.raises(DataError, match=named):
+            predict(model, folder, out, changes=changes, progress=False)
+    argv = ["predict", str(tiny_model), str(folder), "--out", str(out)]
+    for flags in (["--threshold", "1.5"], ["--min-size", "100", "--keep", "largest"]):
+        assert seg_cli.main(argv + flags) == 2
+        said = capsys.readouterr()
+        assert said.err.startswith("error: ") and said.err.count("\n") == 1 and said.out == ""
+    assert no_leftovers(out)
+
+
+def test_command_line_flags_become_the_postprocess_changes(tiny_model, patient, tmp_path, capsys):
+    folder, out = patient[1], tmp_path / "out"
+    argv = ["predict", str(tiny_model), str(folder), "--out", str(out), "--quiet"]
+    flags = ["--keep", "largest", "--drop-ends", "0.2", "--threshold", "0.4", "--tta"]
+    assert seg_cli.main(argv + flags) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["postprocess"] == asdict(
+        su.PostProcess(tta=True, threshold=0.4, keep="largest", drop_ends=0.2)
+    )
+    assert summary["changed"] == ["drop_ends", "keep", "threshold", "tta"]
+    assert (
+        capsys.readouterr().out.rstrip().endswith(f"Dice {summary['dice']:.3f}; results in {out}/")
+    )
+
+
+# ----------------------------------------------------------------------------- reading inputs
+
+
+def test_inputs_that_are_no_whole_scan_are_refused(patient, tmp_path):
+    vol, folder = patient
+    cv2.imwrite(str(tmp_path / "one.png"), vol.image[10])
     with pytest.raises(DataError, match=r"one.png is a single 2D image.*whole scan"):
-        su.predict(checkpoint, one.with_suffix(".png"), tmp_path / "out", progress=False)
-    one.mkdir()
-    cv2.imwrite(str(one / "slice_1.png"), patient[0].image[10])
-    with pytest.raises(DataError, match=r"holds 1 slice image.*all slices"):
-        su.predict(checkpoint, one, tmp_path / "out", progress=False)
-    assert no_leftovers(tmp_path / "out")
+        read_scan(tmp_path / "one.png")
+    (tmp_path / "one").mkdir()
+    cv2.imwrite(str(tmp_path / "one" / "slice_1.png"), vol.image[10])
+    with pytest.raises(DataError, match=r"one holds 1 slice image.*all slices"):
+        read_scan(tmp_path / "one")
+    with pytest.raises(DataError, match=r"nothing does not exist: give a patient folder"):
+        read_scan(tmp_path / "nothing")
+    (tmp_path / "scan.dcm").write_bytes(b"DICM")
+    with pytest.raises(DataError, match=r"scan.dcm: not a folder of slices nor a .nii"):
+        read_scan(tmp_path / "scan.dcm")
+    with pytest.raises(DataError, match=r"--t1/--t1c go with a NIfTI FLAIR volume"):
+        read_scan(folder, t1=tmp_path / "t1.nii.gz")
 
 
-def test_slices_of_different_sizes_are_refused(checkpoint, patient, tmp_path):
-    folder = write_slices(patient[0], tmp_path / "slices")
+def test_slices_of_different_sizes_are_refused_naming_the_odd_one(patient, tmp_path):
+    folder = write_slices(first_slices(patient[0]), tmp_path / "slices")
     cv2.imwrite(str(folder / "scan-3.png"), np.zeros((200, 256, 3), np.uint8))
     with pytest.raises(DataError, match=r"scan-3.png: \(200, 256, 3\).*must match"):
-        su.predict(checkpoint, folder, tmp_path / "out", progress=False)
-    assert no_leftovers(tmp_path / "out")
+        read_scan(folder)
 
 
-def test_nifti_volumes_of_different_shapes_are_refused(checkpoint, patient, tmp_path):
-    to_file, directions, _ = LAYOUTS["LPS"]
-    flair, t1 = tmp_path / "flair.nii.gz", tmp_path / "t1.nii.gz"
-    write_nifti(flair, to_file(patient[0].image[..., 1]), directions, (1, 1, 1))
-    write_nifti(t1, to_file(patient[0].image[2:, :, :, 0]), directions, (1, 1, 1))
+def test_nifti_volumes_of_different_shapes_are_refused(patient, tmp_path):
+    vol = patient[0]
+    flair = write_nifti(tmp_path / "flair.nii.gz", vol.image[..., FLAIR].T)
+    t1 = write_nifti(tmp_path / "t1.nii.gz", vol.image[2:, ..., 0].T)
     with pytest.raises(DataError, match=r"t1.nii.gz: shape .* differ from the FLAIR .*resample"):
-        su.predict(checkpoint, flair, tmp_path / "out", t1=t1, t1c=flair, progress=False)
-    assert no_leftovers(tmp_path / "out")
+        read_scan(flair, t1=t1)
+
+
+def test_nifti_with_trailing_axes_of_one_is_read_as_its_3d_volume(patient, tmp_path):
+    flair = patient[0].image[:8, ::4, ::4, FLAIR].T.astype(np.float32)  # (x, y, z) 64 x 64 x 8
+    plain = read_scan(write_nifti(tmp_path / "x.nii.gz", flair)).image
+    for name, array in [("x1", flair[..., None]), ("x11", flair[..., None, None])]:
+        np.testing.assert_array_equal(
+            read_scan(write_nifti(tmp_path / f"{name}.nii.gz", array)).image, plain
+        )
+    two = write_nifti(tmp_path / "x2.nii.gz", np.stack([flair, flair], -1))
+    with pytest.raises(DataError, match=r"x2.nii.gz: shape \(.*, 2\) holds several volumes"):
+        read_scan(two)
 
 
 def write_with_alpha(vol, folder, alpha, grey=False):
     """Slices as PNGs with an alpha channel: RGBA, or with `grey` grey + alpha (FLAIR)."""
-    from PIL import Image  # OpenCV cannot write grey + alpha
-
     folder.mkdir()
     for n, image in zip(vol.slices, vol.image):
-        colour = image[..., su.FLAIR : su.FLAIR + 1] if grey else image  # (H, W, 1 or 3) RGB
+        colour = image[..., FLAIR : FLAIR + 1] if grey else image  # (H, W, 1 or 3) RGB
         pixels = np.dstack([colour, np.broadcast_to(alpha, colour.shape[:2])]).astype(np.uint8)
+        # OpenCV cannot write grey + alpha
         Image.fromarray(pixels, "LA" if grey else "RGBA").save(folder / f"scan-{n}.png")
     return folder
 
 
-def test_opaque_alpha_is_dropped_and_transparency_refused(checkpoint, patient, tmp_path):
-    vol, _ = patient
-    rgba = su.predict(checkpoint, write_with_alpha(vol, tmp_path / "rgba", 255), tmp_path / "o1",
-                      progress=False)  # fmt: skip
-    rgb = su.predict(
-        checkpoint, write_slices(vol, tmp_path / "rgb"), tmp_path / "o2", progress=False
+def test_an_opaque_alpha_is_dropped_and_transparency_refused(patient, tmp_path):
+    vol = first_slices(patient[0])
+    rgb = read_scan(write_slices(vol, tmp_path / "rgb")).image
+    np.testing.assert_array_equal(
+        read_scan(write_with_alpha(vol, tmp_path / "rgba", 255)).image, rgb
     )
-    assert rgba["warnings"] == [] and rgba["tumour_pixels"] == rgb["tumour_pixels"] > 0
-    grey = su.predict(checkpoint, write_with_alpha(vol, tmp_path / "la", 255, grey=True),
-                      tmp_path / "o3", progress=False)  # fmt: skip
-    assert "channels are identical" in grey["warnings"][0]  # read like grey saved as RGB
+    grey_alpha = read_scan(write_with_alpha(vol, tmp_path / "la", 255, grey=True))
+    np.testing.assert_array_equal(grey_alpha.image, grey(vol).image)  # read as grey saved as RGB
+    assert "channels are identical" in channel_warnings(grey_alpha, (0, 1, 2))[0]
     see_through = np.full(vol.image.shape[1:3], 255, np.uint8)
     see_through[0, 0] = 0
     with pytest.raises(
         DataError,
         match=r"scan-1.png: 4 channels, the last not an opaque alpha.*without transparency",
     ):
-        su.predict(checkpoint, write_with_alpha(vol, tmp_path / "t", see_through), tmp_path / "o4",
-                   progress=False)  # fmt: skip
-    assert no_leftovers(tmp_path / "o4")
+        read_scan(write_with_alpha(vol, tmp_path / "t", see_through))
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32, np.float64])
-def test_slices_of_any_depth_are_read_in_the_sets_channel_order(tmp_path, dtype):
-    """OpenCV reads B, G, R(, A); the set's order is R, G, B, whatever the sample type (cvtColor
-    refused int16 and float64 TIFFs with a raw cv2.error)."""
-    bgr = np.stack([np.full((4, 4), v, dtype) for v in (10, 20, 30)], -1)  # (H, W, 3) B, G, R
-    opaque = np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else 1.0
-    for name, pixels in (
-        ("rgb.tif", bgr),
-        ("rgba.tif", np.dstack([bgr, np.full((4, 4), opaque, dtype)])),
-    ):
-        assert cv2.imwrite(str(tmp_path / name), pixels)
-        assert sp._read_image(tmp_path / name)[0, 0].tolist() == [30, 20, 10], name
+def test_slices_of_any_sample_type_are_read_in_the_sets_channel_order(tmp_path):
+    """OpenCV reads B, G, R(, A); the set's order is R, G, B whatever the sample type (cv2's
+    colour conversion refuses int16 and float64)."""
+    for dtype in (np.uint8, np.uint16, np.int16, np.float32, np.float64):
+        bgr = np.stack([np.full((4, 4), v, dtype) for v in (10, 20, 30)], -1)  # B, G, R
+        opaque = np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else 1.0
+        alpha = np.full((4, 4, 1), opaque, dtype)
+        for kind, extra in [("rgb", []), ("rgba", [alpha])]:
+            folder = tmp_path / f"{kind}-{np.dtype(dtype).name}"
+            folder.mkdir()
+            for n in (1, 2):  # a scan of two slices, the second twice as bright
+                assert cv2.imwrite(str(folder / f"s{n}.tif"), np.dstack([bgr * n, *extra]))
+            red, green, blue = read_scan(folder).image[
+                0, 0, 0
+            ]  # R 30 the brightest, B 10 the least
+            assert red > green > blue, folder.name
 
 
-def test_nifti_with_trailing_axes_of_one_is_read_as_3d(flair_checkpoint, patient, tmp_path):
-    flair = patient[0].image[..., su.FLAIR].transpose(2, 1, 0).astype(np.float32)  # (x, y, z)
-    paths = [tmp_path / f"{n}.nii.gz" for n in ("x", "x1", "x11", "x2")]
-    for path, array in zip(paths, (flair, flair[..., None], flair[..., None, None],
-                                   np.stack([flair, flair], -1))):  # fmt: skip
-        write_nifti(path, array, np.eye(3), (1, 1, 1))
-    read = [sp.read_scan(p).image for p in paths[:3]]
-    np.testing.assert_array_equal(read[1], read[0])  # the same slices, not merely a 3D array
-    np.testing.assert_array_equal(read[2], read[0])
-    # a FLAIR-only model: the tiny 3-channel one finds no tumour on FLAIR copies, and 0 == 0 == 0
-    # would prove nothing
-    masks = [su.predict(flair_checkpoint, p, tmp_path / p.name[:-7], progress=False)["tumour_voxels"]
-             for p in paths[:3]]  # fmt: skip
-    assert masks[0] == masks[1] == masks[2] > 0
-    with pytest.raises(
-        DataError, match=r"x2.nii.gz: shape \(.*, 2\) holds several volumes.*one 3D volume"
-    ):
-        su.predict(flair_checkpoint, paths[3], tmp_path / "o", progress=False)
-
-
-def test_channel_counts_the_model_cannot_use_are_refused(checkpoint, patient, tmp_path):
-    grey = write_slices(patient[0], tmp_path / "grey", flair_only=True)
-    with pytest.raises(DataError, match=r"needs pre-contrast .* gives FLAIR: add 3-channel slices"):
-        su.predict(checkpoint, grey, tmp_path / "out", progress=False)
-    assert no_leftovers(tmp_path / "out")
-
-
-def test_unreadable_and_empty_files_are_refused(checkpoint, patient, tmp_path):
-    folder = write_slices(patient[0], tmp_path / "slices")
+def test_unreadable_and_empty_files_are_refused_naming_them(patient, tmp_path):
+    folder = write_slices(first_slices(patient[0]), tmp_path / "slices")
     (folder / "scan-2.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"scan-2.png: cannot be read as an image"):
-        su.predict(checkpoint, folder, tmp_path / "out", progress=False)
-    empty = tmp_path / "empty.nii.gz"
-    empty.write_bytes(b"")
+        read_scan(folder)
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
     with pytest.raises(DataError, match=r"empty.nii.gz: missing or empty file"):
-        su.predict(checkpoint, empty, tmp_path / "out", progress=False)
-    broken = tmp_path / "broken.nii.gz"
-    broken.write_bytes(b"\x1f\x8b garbage")
+        read_scan(tmp_path / "empty.nii.gz")
+    (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b garbage")
     with pytest.raises(DataError, match=r"broken.nii.gz: cannot be read as NIfTI"):
-        su.predict(checkpoint, broken, tmp_path / "out", progress=False)
-    zeros = tmp_path / "zeros.nii.gz"
-    write_nifti(zeros, np.zeros((64, 64, 8), np.float32), np.eye(3), (1, 1, 1))
+        read_scan(tmp_path / "broken.nii.gz")
+    zeros = write_nifti(tmp_path / "zeros.nii.gz", np.zeros((64, 64, 8), np.float32))
     with pytest.raises(DataError, match=r"zeros.nii.gz: the scan holds no signal"):
-        su.predict(checkpoint, zeros, tmp_path / "out", fill_missing="flair", progress=False)
-    assert no_leftovers(tmp_path / "out")
+        read_scan(zeros)
+    flat = write_nifti(tmp_path / "flat.nii.gz", np.ones((64, 64, 1), np.float32))
+    with pytest.raises(DataError, match=r"flat.nii.gz: shape \(64, 64, 1\) is not one 3D scan"):
+        read_scan(flat)
+
+
+def test_nifti_named_against_its_compression_says_how_to_rename(tmp_path):
+    write_nifti(tmp_path / "scan.nii", np.ones((16, 16, 4), np.float32))
+    (tmp_path / "scan.nii").rename(tmp_path / "scan.nii.gz")  # not gzip-compressed inside
+    with pytest.raises(
+        DataError, match=r"scan.nii.gz: the file is not gzip-compressed.*rename it scan.nii$"
+    ):
+        read_scan(tmp_path / "scan.nii.gz")
+
+
+def test_masks_are_found_for_slice_names_with_brackets(patient, tmp_path):
+    """The glob once read [1] as a character class and found no mask."""
+    vol = first_slices(patient[0])
+    scan = read_scan(write_slices(vol, tmp_path / "slices", name="scan[{}]", masks=True))
+    np.testing.assert_array_equal(scan.truth, vol.mask)
+    assert scan.kind == "slices" and scan.names == [f"scan[{n}]" for n in vol.slices]
 
 
 def test_grey_levels_survive_fill_values_infinities_and_odd_types(tmp_path):
@@ -385,69 +499,115 @@ def test_grey_levels_survive_fill_values_infinities_and_odd_types(tmp_path):
     a few grey levels (an empty mask, silently); constant and RGB volumes are refused."""
     rng = np.random.default_rng(0)
     clean = rng.uniform(0, 1000, (8, 64, 64)).astype(np.int16)  # (D, H, W) a scan's levels
-    expected = sp.to_uint8(clean, tmp_path)
+    expected = to_uint8(clean, tmp_path)
     padded = clean.copy()
     padded[:, :, :8] = -32768  # 12 % of the voxels
-    np.testing.assert_array_equal(sp.to_uint8(padded, tmp_path)[:, :, 8:], expected[:, :, 8:])
-    assert (sp.to_uint8(padded, tmp_path)[:, :, :8] == 0).all()  # the fill is background
+    np.testing.assert_array_equal(to_uint8(padded, tmp_path)[:, :, 8:], expected[:, :, 8:])
+    assert (to_uint8(padded, tmp_path)[:, :, :8] == 0).all()  # the fill is background
     spiked = clean.astype(np.float32)
     spiked[0, 0, 0], spiked[0, 0, 1] = -np.inf, np.nan
-    got = sp.to_uint8(spiked, tmp_path)
-    np.testing.assert_array_equal(got.ravel()[2:], expected.ravel()[2:])
+    np.testing.assert_array_equal(to_uint8(spiked, tmp_path).ravel()[2:], expected.ravel()[2:])
     shifted = rng.normal(0, 1, (8, 32, 32)).astype(np.float32)  # a z-scored scan: lo below 0
     shifted[:, :, :4] = np.nan
-    assert (sp.to_uint8(shifted, tmp_path)[:, :, :4] == 0).all()  # background, not mid-grey
+    assert (to_uint8(shifted, tmp_path)[:, :, :4] == 0).all()  # background, not mid-grey
     with pytest.raises(DataError, match=r"holds no signal"):
-        sp.to_uint8(np.full((4, 8, 8), 7.0), tmp_path / "constant.nii")
+        to_uint8(np.full((4, 8, 8), 7.0), tmp_path / "constant.nii")
     rgb = np.zeros((4, 8, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
     with pytest.raises(DataError, match=r"rgb.nii: voxels of type .* not grey levels"):
-        sp.to_uint8(rgb, tmp_path / "rgb.nii")
+        to_uint8(rgb, tmp_path / "rgb.nii")
 
 
-def test_nifti_named_against_its_compression_says_how_to_rename(checkpoint, tmp_path):
-    plain = tmp_path / "scan.nii.gz"  # not gzip-compressed inside
-    write_nifti(tmp_path / "scan.nii", np.ones((16, 16, 4), np.float32), np.eye(3), (1, 1, 1))
-    (tmp_path / "scan.nii").rename(plain)
-    with pytest.raises(
-        DataError, match=r"scan.nii.gz: the file is not gzip-compressed.*rename it scan.nii$"
-    ):
-        su.predict(checkpoint, plain, tmp_path / "out", progress=False)
-
-
-def test_masks_are_found_for_slice_names_with_brackets(checkpoint, patient, tmp_path):
-    folder = write_slices(patient[0], tmp_path / "slices", name="scan[{}]", masks=True)
-    summary = su.predict(checkpoint, folder, tmp_path / "out", progress=False)
-    assert "dice" in summary  # the glob once read [1] as a character class and found no mask
-
-
-def test_nonsense_settings_are_refused_before_any_work(checkpoint, patient, tmp_path, monkeypatch):
-    monkeypatch.setattr(sp, "read_scan", lambda *a: pytest.fail("read the scan first"))
-    for given, named in [(dict(threshold=-1), "threshold"), (dict(threshold=float("nan")), "threshold"),
-                         (dict(drop_ends=2), "drop_ends"), (dict(drop_ends=-0.5), "drop_ends"),
-                         (dict(min_size=-5), "min_size")]:  # fmt: skip
-        with pytest.raises(DataError, match=named):
-            su.predict(checkpoint, patient[1], tmp_path / "out", progress=False, **given)
-    assert sp.main(["predict", str(checkpoint), str(patient[1]), "--out", str(tmp_path / "o"),
-                    "--threshold", "1.5"]) == 2  # fmt: skip
-
-
-def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path):
+def test_a_file_that_is_no_model_file_is_named_as_such(tiny_model, tmp_path, capsys):
     (tmp_path / "best.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"best.pt is empty or cut short: copy it again"):
-        su.load_checkpoint(tmp_path / "best.pt")
+        su.load_segmenter(tmp_path / "best.pt")
     for name, content in [("model.onnx", b"\x08\x09onnx bytes"), ("notes.txt", b"hello")]:
         (tmp_path / name).write_bytes(content)
         with pytest.raises(
             CheckpointError, match=rf"{name} is not a PyTorch checkpoint.*best.pt"
         ) as e:
-            su.load_checkpoint(tmp_path / name)
+            su.load_segmenter(tmp_path / name)
         assert "weights_only=False" not in str(e.value)  # no advice to unpickle unsafely
+    torch.save(dict(format="seg_utils.unet.v1"), tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match=r"old.pt has the retired format .*train it again"):
+        su.load_segmenter(tmp_path / "old.pt")
+    assert seg_cli.main(["inputs", str(tmp_path / "notes.txt")]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith("error: ") and "notes.txt is not a PyTorch checkpoint" in said
 
 
-def test_interrupted_swap_keeps_the_earlier_results(checkpoint, patient, tmp_path, monkeypatch):
+# ----------------------------------------------------------------------------- the out folder
+
+
+def test_existing_results_are_kept_unless_overwrite(tiny_model, patient, patient_result, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(patient_result[2], out)
+    before = (out / "summary.json").read_text()
+    with pytest.raises(DataError, match=r"out already exists with results.*--overwrite"):
+        predict(tiny_model, patient[1], out, changes={"tta": True}, progress=False)
+    assert (out / "summary.json").read_text() == before
+    (out / ".DS_Store").write_bytes(b"")  # a file browser looked at the results: not the user's
+    predict(tiny_model, patient[1], out, changes={"tta": True}, overwrite=True, progress=False)
+    assert json.loads((out / "summary.json").read_text())["postprocess"]["tta"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left beside it
+    (tmp_path / "made").mkdir()  # the mode mkdir gives here, not mkdtemp's private 0700
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE((tmp_path / "made").stat().st_mode)
+
+
+def test_overwrite_replaces_earlier_results_only(tiny_model, patient, patient_result, tmp_path):
+    """--overwrite once replaced any --out folder whole: the user's files and the input in it."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    with pytest.raises(DataError, match=r"mine holds files predict did not write \(thesis.txt\)"):
+        predict(tiny_model, patient[1], mine, overwrite=True, progress=False)
+    assert (mine / "thesis.txt").read_text() == "years of work"
+    results = tmp_path / "results"
+    shutil.copytree(patient_result[2], results)
+    (results / "notes.txt").write_text("mine")  # added by the user: the folder is theirs now
+    with pytest.raises(DataError, match=r"notes.txt"):
+        predict(tiny_model, patient[1], results, overwrite=True, progress=False)
+    assert (results / "notes.txt").exists() and (results / "summary.json").exists()
+    a_file = tmp_path / "report.txt"
+    a_file.write_text("data")
+    with pytest.raises(DataError, match=r"report.txt is a file"):
+        predict(tiny_model, patient[1], a_file, overwrite=True, progress=False)
+    assert a_file.read_text() == "data"
+
+
+def test_out_folder_may_not_hold_the_input_the_model_or_the_current_folder(
+    tiny_model, patient, tmp_path, monkeypatch
+):
+    scan = tmp_path / "scan"
+    shutil.copytree(patient[1], scan)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_model, run / "best.pt")
+    for out, held in [(scan, "scan"), (tmp_path, "best.pt"), (run, "best.pt")]:
+        with pytest.raises(DataError, match=rf"holds .*{held}.*a folder of their own"):
+            predict(run / "best.pt", scan, out, overwrite=True, progress=False)
+    monkeypatch.chdir(run)
+    with pytest.raises(DataError, match=r"holds the current folder"):
+        predict(tiny_model, scan, ".", overwrite=True, progress=False)
+    assert sorted(p.name for p in scan.iterdir()) == sorted(p.name for p in patient[1].iterdir())
+    assert (run / "best.pt").read_bytes() == tiny_model.read_bytes()
+
+
+def test_out_folder_must_be_writable(tiny_model, patient, tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: False
+    )  # a read-only mount (root may write anywhere)
+    with pytest.raises(DataError, match=r"cannot write in .*choose an --out"):
+        predict(tiny_model, patient[1], tmp_path / "out", progress=False)
+    assert no_leftovers(tmp_path / "out")
+
+
+def test_an_interrupted_swap_keeps_the_earlier_results(
+    tiny_model, patient, patient_result, tmp_path, monkeypatch
+):
     """Ctrl-C between moving the old results aside and moving the new ones in once left neither."""
     out = tmp_path / "out"
-    su.predict(checkpoint, patient[1], out, progress=False)
+    shutil.copytree(patient_result[2], out)
     before = (out / "summary.json").read_text()
     rename = type(out).rename
 
@@ -458,294 +618,83 @@ def test_interrupted_swap_keeps_the_earlier_results(checkpoint, patient, tmp_pat
 
     monkeypatch.setattr(type(out), "rename", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        su.predict(checkpoint, patient[1], out, tta=True, overwrite=True, progress=False)
+        predict(tiny_model, patient[1], out, changes={"tta": True}, overwrite=True, progress=False)
     assert (out / "summary.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_out_folder_must_be_writable(checkpoint, patient, tmp_path, monkeypatch):
-    monkeypatch.setattr(sp.os, "access", lambda path, mode: False)  # a read-only mount, say
-    with pytest.raises(DataError, match=r"cannot write in .*choose an --out"):
-        su.predict(checkpoint, patient[1], tmp_path / "out", progress=False)
+# ----------------------------------------------------------------------------- ONNX export
 
 
-def test_existing_results_are_kept_unless_overwrite(checkpoint, patient, tmp_path):
-    out = tmp_path / "out"
-    su.predict(checkpoint, patient[1], out, tta=False, progress=False)
-    before = (out / "summary.json").read_text()
-    with pytest.raises(DataError, match=r"out already exists with results.*--overwrite"):
-        su.predict(checkpoint, patient[1], out, tta=True, progress=False)
-    assert (out / "summary.json").read_text() == before
-    su.predict(checkpoint, patient[1], out, tta=True, overwrite=True, progress=False)
-    assert json.loads((out / "summary.json").read_text())["settings"]["tta"] is True
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left beside it
-    (tmp_path / "made").mkdir()  # the mode mkdir gives here, not mkdtemp's private 0700
-    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE((tmp_path / "made").stat().st_mode)
-    (tmp_path / "made").rmdir()
-
-
-def test_overwrite_replaces_earlier_results_only(checkpoint, patient, tmp_path):
-    """--overwrite once replaced any --out folder whole: the user's files and the input in it."""
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "thesis.txt").write_text("years of work")
-    with pytest.raises(DataError, match=r"mine holds files predict did not write \(thesis.txt\)"):
-        su.predict(checkpoint, patient[1], mine, overwrite=True, progress=False)
-    assert (mine / "thesis.txt").read_text() == "years of work"
-    results = tmp_path / "results"
-    su.predict(checkpoint, patient[1], results, progress=False)
-    (results / "notes.txt").write_text("mine")  # added by the user: the folder is theirs now
-    with pytest.raises(DataError, match=r"notes.txt"):
-        su.predict(checkpoint, patient[1], results, overwrite=True, progress=False)
-    assert (results / "notes.txt").exists() and (results / "summary.json").exists()
-    (results / "notes.txt").unlink()
-    (results / ".DS_Store").write_bytes(b"")  # a file browser looked at the results
-    su.predict(checkpoint, patient[1], results, overwrite=True, progress=False)
-    a_file = tmp_path / "report.txt"
-    a_file.write_text("data")
-    with pytest.raises(DataError, match=r"report.txt is a file"):
-        su.predict(checkpoint, patient[1], a_file, overwrite=True, progress=False)
-    assert a_file.read_text() == "data"
-
-
-def test_out_folder_may_not_hold_the_input_or_the_checkpoint(
-    checkpoint, patient, tmp_path, monkeypatch
-):
-    scan = tmp_path / "scan"
-    shutil.copytree(patient[1], scan)
-    run = tmp_path / "run"
-    run.mkdir()
-    shutil.copy(checkpoint, run / "best.pt")
-    for out, held in [(scan, "scan"), (tmp_path, "best.pt"), (run, "best.pt")]:
-        with pytest.raises(DataError, match=rf"holds .*{held}.*a folder of their own"):
-            su.predict(run / "best.pt", scan, out, overwrite=True, progress=False)
-    monkeypatch.chdir(scan.parent / "run")
-    with pytest.raises(DataError, match=r"holds the current folder"):
-        su.predict(checkpoint, scan, ".", overwrite=True, progress=False)
-    assert len(list(scan.iterdir())) == len(list(patient[1].iterdir()))
-    assert (run / "best.pt").read_bytes() == checkpoint.read_bytes()
-
-
-# ----------------------------------------------------------------------------- settings
-
-
-def test_settings_come_from_notebook_04_and_flags_override(checkpoint, tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "best.pt").write_bytes(checkpoint.read_bytes())
-    chosen = dict(tta=True, threshold=0.7, min_size=200, keep_largest=False, drop_ends=0.2)
-    record = dict(checkpoint="../runs/unet/best.pt", chosen_on_validation=chosen)
-    (run / "test_metrics.json").write_text(json.dumps(record))
-    settings, source = sp.run_settings(run / "best.pt")
-    assert settings == chosen and "chosen on validation" in source
-    settings, source = sp.run_settings(run / "best.pt", threshold=0.3, tta=None)
-    assert (
-        settings == chosen | {"threshold": 0.3} and "overridden by the caller: threshold" in source
-    )
-    record["chosen_on_validation"] = chosen | {"keep_largest": "mass"}  # stays "mass", not True
-    (run / "test_metrics.json").write_text(json.dumps(record))
-    assert sp.run_settings(run / "best.pt")[0]["keep_largest"] == "mass"
-    del record["chosen_on_validation"]["drop_ends"]  # a record from before drop_ends: none
-    (run / "test_metrics.json").write_text(json.dumps(record))
-    assert sp.run_settings(run / "best.pt")[0]["drop_ends"] == 0.0
-    settings, source = sp.run_settings(run / "last.pt")  # notebook 04 scored best.pt, not this
-    assert settings == sp.DEFAULT_SETTINGS and "is for best.pt" in source
-    (run / "test_metrics.json").write_text("{broken")
-    with pytest.raises(CheckpointError, match=r"test_metrics.json is damaged"):
-        sp.run_settings(run / "best.pt")
-    for wrong in [dict(keep_largest="false"), dict(threshold="high"), dict(threshold=None),
-                  dict(tta=1), dict(min_size=True), dict(min_size=1000.7)]:  # fmt: skip
-        record["chosen_on_validation"] = chosen | wrong  # "false" once read as True
-        (run / "test_metrics.json").write_text(json.dumps(record))
-        with pytest.raises(CheckpointError, match=r"test_metrics.json is damaged"):
-            sp.run_settings(run / "best.pt")
-
-
-# ----------------------------------------------------------------------------- channels
-
-
-def test_parse_channels_and_preprocess_validation():
-    assert sp.parse_channels("flair") == [1]
-    assert sp.parse_channels("all") == sp.parse_channels("2,0,1") == [0, 1, 2]
-    assert sp.parse_channels("FLAIR,post-contrast") == [1, 2]
-    with pytest.raises(ValueError, match="unknown channel 't2'"):
-        sp.parse_channels("t2")
-    for bad in ([], [0, 0], [3]):
-        with pytest.raises(ValueError, match="channels"):
-            su.Preprocess(channels=bad)
-
-
-def test_flair_only_model_trains_a_step_and_its_checkpoint_keeps_channels(flair_checkpoint):
-    model, pre, state = su.load_checkpoint(flair_checkpoint)
-    assert pre.channels == [su.FLAIR] and state["preprocess"]["channels"] == [su.FLAIR]
-    assert model.config["in_channels"] == 1 and sp.needed_inputs(pre) == "FLAIR (INPUT)"
-    x, y = torch.randn(2, 1, 64, 64), torch.zeros(2, 1, 64, 64)
-    before = model.head.weight.detach().clone()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    loss = su.train_step(model.train(), optimizer, x, y, "fp32")
-    assert np.isfinite(loss) and not torch.equal(before, model.head.weight)
-
-
-def test_old_checkpoints_without_channels_load_as_all_three(checkpoint, tmp_path):
-    state = su.read_checkpoint(checkpoint)
-    del state["preprocess"]["channels"]
-    su.save_checkpoint(state, tmp_path / "old.pt")
-    model, pre, _ = su.load_checkpoint(tmp_path / "old.pt")
-    assert pre.channels == [0, 1, 2] and model.config["in_channels"] == 3
-
-
-def test_inputs_command_through_python_m_seg_utils(flair_checkpoint, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "seg_utils", "inputs", str(flair_checkpoint)],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 0 and "needs: FLAIR (INPUT)" in done.stdout
-    assert (
-        sp.main(["predict", str(flair_checkpoint), str(tmp_path), "--out", str(tmp_path / "o")])
-        == 2
-    )
-
-
-# ----------------------------------------------------------------------------- export
-
-
-def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
-    pytest.importorskip("onnxruntime")
-    path = su.export_onnx(checkpoint, tmp_path / "model.onnx")
-    session = sp.onnx_session(path)
-    model, pre, _ = su.load_checkpoint(checkpoint, torch.device("cpu"))
-    for batch in (1, 5):  # dynamic batch size
+def test_onnx_export_replaces_a_file_when_asked_and_matches_pytorch(tiny_model, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    out.write_text("mine")
+    assert seg_cli.main(["export", str(tiny_model), str(out)]) == 2
+    assert "model.onnx already exists" in capsys.readouterr().err and out.read_text() == "mine"
+    assert seg_cli.main(["export", str(tiny_model), str(out), "--overwrite"]) == 0
+    assert capsys.readouterr().out == f"wrote {out}\n"
+    session = onnx_session(out)
+    segmenter = su.load_segmenter(tiny_model, device=torch.device("cpu"))
+    net, pre = segmenter.nets[0].float(), segmenter.pres[0]
+    for batch in (1, 5):  # a dynamic batch size
         x = torch.randn(
             batch, 3, pre.size, pre.size, generator=torch.Generator().manual_seed(batch)
         )
         (logits,) = session.run(["logits"], {"image": x.numpy()})
         with torch.no_grad():
-            expected = torch.sigmoid(model.float()(x)).numpy()
+            expected = torch.sigmoid(net(x)).numpy()
         assert logits.shape == (batch, 1, pre.size, pre.size)
         assert np.abs(1 / (1 + np.exp(-logits)) - expected).max() < 1e-3
     meta = session.get_modelmeta().custom_metadata_map  # {key: value} strings
-    assert json.loads(meta["seg_utils.preprocess"])["channels"] == [0, 1, 2]
-    assert not list(tmp_path.glob(".*tmp")) and not list(tmp_path.glob("*.tmp"))
+    assert json.loads(meta["seg_utils.preprocess"]) == json.loads(json.dumps(asdict(pre)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temporary file left
 
 
-def test_onnx_export_never_replaces_a_file_unasked_nor_the_checkpoint(checkpoint, tmp_path):
-    pytest.importorskip("onnxscript")
-    copy = tmp_path / "ck.pt"
-    shutil.copy(checkpoint, copy)
-    with pytest.raises(DataError, match=r"ck.pt is the checkpoint itself"):
-        su.export_onnx(copy, copy, overwrite=True)
-    assert copy.read_bytes() == checkpoint.read_bytes()
-    notes = tmp_path / "notes.txt"
-    notes.write_text("mine")
-    with pytest.raises(DataError, match=r"notes.txt already exists.*--overwrite"):
-        su.export_onnx(copy, notes)
-    assert notes.read_text() == "mine"
+def test_onnx_export_never_replaces_the_model_file_nor_a_folder(tiny_model, tmp_path):
+    model = tmp_path / "best.pt"
+    shutil.copy(tiny_model, model)
+    with pytest.raises(DataError, match=r"best.pt is the model file itself"):
+        export_onnx(model, model, overwrite=True)
     with pytest.raises(DataError, match=r"is a folder: name the file"):
-        su.export_onnx(copy, tmp_path)
-    assert sp.main(["export", str(copy), str(notes)]) == 2
-    assert sp.main(["export", str(copy), str(notes), "--overwrite"]) == 0
-    assert notes.read_bytes()[:2] != b"mi"
+        export_onnx(model, tmp_path, overwrite=True)
+    assert model.read_bytes() == tiny_model.read_bytes()
 
 
-# ----------------------------------------------------------------------------- site shifts
+# ----------------------------------------------------------------------------- the commands
 
 
-def test_site_shifts_are_deterministic_and_change_the_scans(checkpoint, patient):
-    vol, _ = patient
-    rng = lambda: np.random.default_rng(0)  # noqa: E731
-    for name, shift in sp.SHIFTS.items():
-        out = shift(vol, rng())
-        assert out.image.dtype == np.uint8 and out.image.shape[1:] == vol.image.shape[1:], name
-        assert out.mask.shape == out.image.shape[:3], name
-        assert not np.array_equal(out.image, vol.image), name
-        np.testing.assert_array_equal(out.image, shift(vol, rng()).image, err_msg=name)
-    assert len(sp.SHIFTS["thinner slices (2x in z)"](vol, rng()).image) == 2 * len(vol.image) - 1
-    stripped = sp.skull_strip(vol)
-    assert stripped.image[:, 0, 128].max() == 0 and (stripped.mask == vol.mask).all()
-    model, pre, _ = su.load_checkpoint(checkpoint)
-    names = ["intensity x0.6", "Rician noise 5%"]
-    scores = su.site_shift_scores(model, pre, [vol], shifts=names, progress=False)
-    assert list(scores.columns) == ["clean", *names]
-    assert scores.loc[vol.patient, "clean"] == pytest.approx(
-        su.dice_score(direct_mask(checkpoint, vol), vol.mask)
-    )
-    again = su.site_shift_scores(model, pre, [vol], shifts=names[::-1], progress=False)
-    assert again.loc[vol.patient, names[1]] == scores.loc[vol.patient, names[1]]  # order-free seed
-    table = su.site_shift_table(scores)
-    assert table.loc["clean", "change vs clean"] == 0.0
-
-
-def test_site_shift_table_known_answer():
-    """Clean Dice 0.8 and 0.6, shifted 0.5 and 0.5: means 0.7 and 0.5, a change of -0.2 (a drop
-    is negative). `clean minus clean` alone is 0 whatever the sign or the mean."""
-    scores = pd.DataFrame({"clean": [0.8, 0.6], "gamma 0.7": [0.5, 0.5]}, index=["P1", "P2"])
-    table = su.site_shift_table(scores)
-    assert table.loc["gamma 0.7"].tolist() == pytest.approx([0.5, -0.2])
-    assert table.loc["clean"].tolist() == pytest.approx([0.7, 0.0])
-
-
-def test_random_site_shifts_draw_each_family_in_its_range_and_are_seeded(patient, monkeypatch):
-    """Over 40 draws every family happens sometimes but not always, with strengths inside the
-    documented ranges, stripping and zoom before the intensity changes and the noise last."""
-    vol, _ = patient
-    calls = []
-
-    def recorder(name, fn):
-        def record(volume, *args):
-            calls[-1].append((name, *[a for a in args if isinstance(a, float)]))
-            return fn(volume, *args)
-
-        return record
-
-    for name in ("skull_strip", "_zoom", "_gamma", "_bias", "_rician"):
-        monkeypatch.setattr(sp, name, recorder(name, getattr(sp, name)))
-    for seed in range(40):
-        calls.append([])
-        out = sp.random_site_shift(vol, np.random.default_rng(seed))
-        assert out.image.dtype == np.uint8 and out.image.shape == vol.image.shape
-    order = ["skull_strip", "_zoom", "_gamma", "_bias", "_rician"]
-    for draw in calls:
-        names = [c[0] for c in draw]
-        assert names == sorted(names, key=order.index)
-    counts = {name: sum(name in [c[0] for c in d] for d in calls) for name in order}
-    assert all(0 < n < 40 for n in counts.values()), counts
-    ranges = {
-        "_zoom": (0.8, 1.25),
-        "_gamma": (0.6, 1.7),
-        "_bias": (0.1, 0.4),
-        "_rician": (0.01, 0.08),
+def test_the_installed_commands_answer_and_exit_2_with_one_line_on_errors(flair_model, tmp_path):
+    """The console script and `python -m seg_cli` as a user runs them, side by side (each
+    process spends most of its time importing torch)."""
+    missing, out = tmp_path / "missing", tmp_path / "o"
+    commands = {
+        "inputs": [Path(sys.executable).parent / "unet-seg", "inputs", flair_model],
+        "error": [sys.executable, "-m", "seg_cli", "predict", flair_model, missing, "--out", out],
     }
-    for name, (lo, hi) in ranges.items():
-        values = [c[1] for d in calls for c in d if c[0] == name]
-        assert lo <= min(values) and max(values) <= hi, name
-    monkeypatch.undo()
-    again = [sp.random_site_shift(vol, np.random.default_rng(3)).image for _ in range(2)]
-    np.testing.assert_array_equal(*again)
+    running = {
+        k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for k, c in commands.items()
+    }
+    done = {k: (p.wait(timeout=120), *p.communicate()) for k, p in running.items()}
+    assert done["inputs"][:2] == (0, f"{flair_model} needs: FLAIR (INPUT)\n")
+    status, said, err = done["error"]
+    assert (status, said) == (2, "") and err.startswith(f"error: {missing} does not exist")
+    assert err.count("\n") == 1 and no_leftovers(out)
 
 
-def test_stripped_twins_join_the_draws_without_lengthening_an_epoch(data_dir):
-    """share 0.5 of 4 volumes: 2 stripped twins of the same patients, a third of the sampling
-    weight (each volume weighs the same), and an epoch still draws the originals' slice count."""
-    volumes = su.load_volumes(su.scan_dataset(data_dir), progress=False)[:4]
-    pre = su.Preprocess(size=32)
-    twins = sp.WithTwins(volumes, pre, share=0.5, seed=0)
-    originals = sum(len(v.image) for v in volumes)
-    assert len(twins.volumes) == 6 and len(twins) == originals
-    assert len(twins.index) == originals + sum(len(v.image) for v in twins.volumes[4:])
-    assert {v.patient for v in twins.volumes[4:]} <= {v.patient for v in volumes}
-    for twin in twins.volumes[4:]:  # scalp and skull are gone: fewer pixels above 0
-        plain = next(v for v in twins.volumes[:4] if v.patient == twin.patient)
-        assert (twin.image > 0).mean() < (plain.image > 0).mean()
-    weights = su.tumour_weights(twins)
-    assert float(weights.sum()) == pytest.approx(1.0)
-    assert float(weights[originals:].sum()) == pytest.approx(2 / 6)
-    config = su.TrainConfig(batch_size=4)
-    drawn = [i for _ in range(3) for i in su._epoch_loader(twins, config, weights, 0).sampler]
-    assert len(drawn) == 3 * originals and max(drawn) >= originals  # twins are drawn
-    assert [v.patient for v in sp.WithTwins(volumes, pre, 0.5, 0).volumes] == [
-        v.patient for v in twins.volumes
-    ]  # seeded
-    assert len(sp.WithTwins(volumes, pre, share=0.0).volumes) == 4
-    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
-        sp.WithTwins(volumes, pre, share=1.5)
-    site = sp.WithTwins(volumes, pre, share=0.5, seed=0, shift=sp.random_site_shift)
-    assert [v.patient for v in site.volumes] == [v.patient for v in twins.volumes]  # same picks
-    assert not np.array_equal(site.volumes[4].image, twins.volumes[4].image)  # another shift
+def test_python_m_seg_utils_says_where_the_commands_went(monkeypatch, capsys):
+    """The command line of earlier versions; run as `python -m` runs it, without a process."""
+    monkeypatch.setattr(sys, "argv", ["seg_utils", "predict", "best.pt", "scan", "--out", "o"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("seg_utils", run_name="__main__")
+    said = capsys.readouterr()
+    assert e.value.code == 2 and said.out == ""
+    assert "unet-seg predict" in said.err and "python -m seg_cli" in said.err
+
+
+def test_data_command_says_where_the_data_set_is(synthetic_set, monkeypatch, capsys):
+    data_dir = synthetic_set(8, 0)
+    monkeypatch.setenv("LGG_DATA", str(data_dir))
+    assert seg_cli.main(["data"]) == 0
+    count = len(su.scan_dataset(data_dir))
+    assert capsys.readouterr().out == f"data: {data_dir} ({count} slices)\n"

@@ -1,8 +1,8 @@
-"""The mask viewer (seg_utils.mask_viewer / render_slice) driven from Python, no browser.
+"""The mask viewer (seg_viewer.mask_viewer) driven from Python, no browser.
 
-A 3-patient synthetic set and made-up probabilities (the true mask shifted, blurred and with noise
-added, so the Dice depends on the threshold); widget values are changed in code and the label and
-the rendered PNG are checked against what seg_utils computes directly.
+Three patients of conftest's synthetic set and made-up probabilities (the true mask shifted,
+blurred and with noise added, so that the Dice depends on the threshold); widget values are
+changed in code and the label and the rendered PNG checked against known answers.
 """
 
 import time
@@ -10,9 +10,11 @@ import time
 import cv2
 import numpy as np
 import pytest
+from scipy import ndimage
 from viewer_label import parse
 
 import seg_utils as su
+from seg_viewer import mask_viewer
 
 
 def decode(png: bytes) -> np.ndarray:
@@ -24,7 +26,7 @@ def decode(png: bytes) -> np.ndarray:
 
 
 def red_pixels(rgb: np.ndarray) -> int:
-    """Pixels clearly red (prediction outline (255, 25, 25) or red tint); grey and green never are."""
+    """Pixels clearly red (prediction outline or tint); grey and green never are."""
     r, g, b = (rgb[..., i].astype(int) for i in range(3))
     return int(((r - np.maximum(g, b)) > 60).sum())
 
@@ -43,10 +45,21 @@ def fake_probs(volume: su.Volume, seed: int) -> np.ndarray:
     return np.clip(blurred + noise, 0, 1)
 
 
+def tumour_slices(volume: su.Volume) -> np.ndarray:
+    return np.flatnonzero(volume.mask.any((1, 2)))
+
+
 @pytest.fixture(scope="module")
-def volumes(tmp_path_factory):
-    root = su.make_synthetic_dataset(tmp_path_factory.mktemp("viewer"), n_patients=3, seed=0)
-    return su.load_volumes(su.scan_dataset(root), progress=False)
+def volumes(synthetic_set):
+    """Three patients of the session's synthetic set, of different depths, each with tumour and
+    tumour-free slices (what these tests need)."""
+    records = su.scan_dataset(synthetic_set(8, 0))
+    first = sorted({r.patient for r in records})[:3]
+    volumes = su.load_volumes([r for r in records if r.patient in first], progress=False)
+    assert len({len(v.slices) for v in volumes}) == 3, "need patients of different depths"
+    for v in volumes:
+        assert 0 < len(tumour_slices(v)) < len(v.slices), f"{v.patient}: tumour and none needed"
+    return volumes
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +69,7 @@ def probs(volumes):
 
 @pytest.fixture
 def viewer(volumes, probs):
-    return su.mask_viewer(volumes, probs=probs)
+    return mask_viewer(volumes, probs=probs)
 
 
 def select(dropdown, label: str) -> None:
@@ -64,32 +77,20 @@ def select(dropdown, label: str) -> None:
     dropdown.index = [option for option, _ in dropdown.options].index(label)
 
 
-def tumour_slices(volume: su.Volume) -> np.ndarray:
-    return np.flatnonzero(volume.mask.any((1, 2)))
+def untrained_segmenter(post=None) -> su.Segmenter:
+    """A tiny untrained U-Net as a Segmenter: quick to run, its probabilities its own."""
+    su.seed_everything(0)
+    net = su.UNet(base_width=4, depth=2).eval()
+    return su.Segmenter([net], [su.Preprocess(size=32)], post or su.PostProcess())
 
 
-def test_synthetic_set_suits_these_tests(volumes):
-    assert len(volumes) == 3
-    assert len({len(v.slices) for v in volumes}) > 1, "need patients of different depths"
-    for v in volumes:
-        tumour = tumour_slices(v)
-        assert 0 < len(tumour) < len(v.slices), f"{v.patient}: need tumour and tumour-free slices"
-
-
-def test_render_slice_returns_png(volumes):
-    vol = volumes[0]
-    z = tumour_slices(vol)[0]
-    rgb = decode(su.render_slice(vol.image[z], vol.mask[z], vol.mask[z]))
-    assert rgb.shape == (384, 384, 3)
-    assert decode(su.render_slice(vol.image[z], size=128)).shape == (128, 128, 3)
-
-
-def test_controls_and_css_classes(viewer):
+def test_controls_carry_the_css_classes_the_browser_test_finds(viewer):
     c = viewer.controls
     names = "patient slice jump channel truth pred opacity threshold label image"
     assert set(c) == set(names.split())
     for name, widget in c.items():
         assert f"viewer-{name}" in widget._dom_classes
+    assert decode(c["image"].value).shape == (384, 384, 3)
 
 
 def test_label_names_patient_slice_and_tumour_pixels(viewer, volumes):
@@ -116,7 +117,7 @@ def test_image_changes_with_the_slice(viewer, volumes):
     assert c["image"].value == before  # same slice, same settings: same picture
 
 
-def test_dice_in_label_matches_dice_score(viewer, volumes, probs):
+def test_dice_in_the_label_is_dice_score_at_the_sliders_threshold(viewer, volumes, probs):
     c = viewer.controls
     vol = volumes[2]
     c["patient"].value = vol.patient
@@ -125,8 +126,7 @@ def test_dice_in_label_matches_dice_score(viewer, volumes, probs):
     seen = {}
     for threshold in (0.3, 0.7):
         c["threshold"].value = threshold
-        t = c["threshold"].value
-        pred = probs[vol.patient] >= t
+        pred = probs[vol.patient] >= c["threshold"].value
         label = parse(c["label"].value)
         assert label["threshold"] == f"{threshold:.2f}"
         assert label["dice_slice"] == f"{su.dice_score(pred[z], vol.mask[z]):.3f}"
@@ -135,28 +135,25 @@ def test_dice_in_label_matches_dice_score(viewer, volumes, probs):
     assert seen[0.3] != seen[0.7], "made-up probabilities should make the Dice depend on threshold"
 
 
-def test_next_tumour_slice_button(viewer, volumes):
+def test_next_tumour_slice_button_steps_through_the_tumour_and_wraps(viewer, volumes):
     c = viewer.controls
     vol = volumes[0]
     c["patient"].value = vol.patient
     tumour = tumour_slices(vol)
     c["slice"].value = 0
-    expected = [int(t) for t in tumour if t > 0]
-    for want in expected:
+    for want in tumour:
         c["jump"].click()
         assert c["slice"].value == want
-        assert int(parse(c["label"].value)["px"]) > 0
-    c["jump"].click()  # past the last tumour slice: wraps round to the first
+    c["jump"].click()  # past the last tumour slice: round to the first
     assert c["slice"].value == int(tumour[0])
 
 
-def test_switching_patient_resets_slider(viewer, volumes):
+def test_switching_patient_opens_it_on_a_tumour_slice(viewer, volumes):
     c = viewer.controls
     for vol in [*volumes, volumes[0]]:
         c["patient"].value = vol.patient
         assert c["slice"].max == len(vol.slices) - 1
-        assert 0 <= c["slice"].value <= c["slice"].max
-        assert vol.mask[c["slice"].value].any(), "a new patient opens on a tumour slice"
+        assert c["slice"].value == su.middle_tumour_slice(vol.mask)
         assert parse(c["label"].value)["patient"] == vol.patient
     # the deepest patient at its last slice, then a shallower one: the value must fit again
     deep = max(volumes, key=lambda v: len(v.slices))
@@ -164,18 +161,16 @@ def test_switching_patient_resets_slider(viewer, volumes):
     c["patient"].value = deep.patient
     c["slice"].value = len(deep.slices) - 1
     c["patient"].value = shallow.patient
-    assert c["slice"].max == len(shallow.slices) - 1
-    assert c["slice"].value <= c["slice"].max
+    assert c["slice"].value == su.middle_tumour_slice(shallow.mask)
     assert int(parse(c["label"].value)["depth"]) == len(shallow.slices)
 
 
-def test_prediction_toggle_removes_red(viewer, volumes, probs):
+def test_prediction_toggle_removes_the_prediction_colour(viewer, volumes, probs):
     c = viewer.controls
     vol = volumes[0]
     c["patient"].value = vol.patient
     c["threshold"].value = 0.5
-    z = int(np.argmax((probs[vol.patient] >= 0.5).sum((1, 2))))  # the slice with most prediction
-    c["slice"].value = z
+    c["slice"].value = int(np.argmax((probs[vol.patient] >= 0.5).sum((1, 2))))  # most predicted
     shown = decode(c["image"].value)
     assert red_pixels(shown) > 50 and green_pixels(shown) > 50
     c["pred"].value = False
@@ -188,16 +183,16 @@ def test_prediction_toggle_removes_red(viewer, volumes, probs):
     assert red_pixels(decode(c["image"].value)) > 50
 
 
-def test_channel_all_three(viewer, volumes):
+def test_channel_all_three_shows_colour_and_stays_selected(viewer, volumes):
     c = viewer.controls
     c["patient"].value = volumes[0].patient
     c["truth"].value = c["pred"].value = False  # no tints: only the MRI itself
     grey = decode(c["image"].value)
     assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
     select(c["channel"], "all three")  # the three channels as RGB
+    assert c["channel"].label == "all three"
     colour = decode(c["image"].value)
     assert (np.abs(colour[..., 0].astype(int) - colour[..., 1]) > 10).mean() > 0.01
-    parse(c["label"].value)  # the label still reads right
     images = set()
     for channel in (0, 1, 2):
         c["channel"].value = channel
@@ -205,39 +200,27 @@ def test_channel_all_three(viewer, volumes):
     assert len(images) == 3
 
 
-def test_channel_all_three_stays_selected_in_the_dropdown(viewer):
-    dropdown = viewer.controls["channel"]
-    select(dropdown, "all three")
-    assert dropdown.label == "all three"
-
-
-def test_viewer_without_predictions(volumes):
-    viewer = su.mask_viewer(volumes)
-    c = viewer.controls
+def test_viewer_without_predictions_shows_no_dice_and_no_red(volumes):
+    c = mask_viewer(volumes).controls
     assert c["pred"].disabled and not c["pred"].value and c["threshold"].disabled
-    label = parse(c["label"].value)
-    assert label["dice_slice"] is None  # no Dice without predictions
+    assert parse(c["label"].value)["dice_slice"] is None
     assert red_pixels(decode(c["image"].value)) == 0
 
 
-def test_model_predictions_once_per_patient(volumes, monkeypatch, record_property):
+def test_model_predictions_are_computed_once_per_patient(volumes, monkeypatch, record_property):
+    segmenter = untrained_segmenter()
     calls = []
-    real = su.predict_volume
+    real = segmenter.probabilities
 
-    def counting(model, volume, pre, *args, **kwargs):
-        calls.append(volume.patient)
-        return real(model, volume, pre, *args, **kwargs)
+    def counting(image, *args, **kwargs):
+        calls.append(next(v.patient for v in volumes if v.image is image))
+        return real(image, *args, **kwargs)
 
-    monkeypatch.setattr(su, "predict_volume", counting)
-    su.seed_everything(0)
-    model, pre = su.UNet(base_width=4, depth=2).eval(), su.Preprocess(size=32)
-    viewer = su.mask_viewer(volumes, model=model, pre=pre)
-    c = viewer.controls
+    monkeypatch.setattr(segmenter, "probabilities", counting)
+    c = mask_viewer(volumes, segmenter).controls
     assert calls == [volumes[0].patient], "the first patient is predicted when the viewer opens"
-    assert parse(c["label"].value)["dice_patient"] is not None
-
     timings = []
-    for z in range(c["slice"].max + 1):
+    for z in range(10):
         start = time.perf_counter()
         c["slice"].value = z
         timings.append(time.perf_counter() - start)
@@ -247,30 +230,47 @@ def test_model_predictions_once_per_patient(volumes, monkeypatch, record_propert
     select(c["channel"], "all three")
     c["jump"].click()
     assert calls == [volumes[0].patient], "no prediction on slider moves"
-
-    c["patient"].value = volumes[1].patient
-    c["patient"].value = volumes[2].patient
-    c["patient"].value = volumes[0].patient
-    c["patient"].value = volumes[1].patient
+    for vol in [volumes[1], volumes[2], volumes[0], volumes[1]]:
+        c["patient"].value = vol.patient
     assert calls == [v.patient for v in volumes], "each patient predicted once, then cached"
 
-    # the label's Dice uses the model's probabilities
+    c["threshold"].value = segmenter.post.threshold  # the label shows the segmenter's mask
     vol, z = volumes[1], c["slice"].value
-    pred = real(model, vol, pre) >= c["threshold"].value
+    pred = segmenter.mask(vol.image)
+    assert pred.any() and not pred.all(), "an untrained net that marks some pixels"
     assert parse(c["label"].value)["dice_patient"] == f"{su.dice_score(pred, vol.mask):.3f}"
     assert parse(c["label"].value)["dice_slice"] == f"{su.dice_score(pred[z], vol.mask[z]):.3f}"
-
-    # recorded, not asserted (machine-dependent): the time for one slider update
-    median, worst = float(np.median(timings)), max(timings)
-    record_property("slice_update_median_s", round(median, 4))
-    record_property("slice_update_max_s", round(worst, 4))
-    print(f"\nslice update: median {median * 1000:.1f} ms, max {worst * 1000:.1f} ms")
+    # recorded, not asserted (it depends on the machine): the time for one slider update
+    record_property("slice_update_median_s", round(float(np.median(timings)), 4))
+    record_property("slice_update_max_s", round(max(timings), 4))
 
 
-def test_the_viewer_is_su_mask_viewer_and_listed_by_dir():
-    """It lives in seg_viewer.py, looked up through seg_utils on first use; dir(su) lists it (and
-    the other lazy names), so tab completion in a notebook finds it."""
-    import seg_viewer
+def test_threshold_slider_starts_at_the_segmenters_and_its_blob_rule_applies(volumes):
+    """The truth (one 3D blob) at 0.9, plus a smaller false blob on tumour-free slices: keep
+    "largest" drops the false blob, so the patient's Dice is exactly 1 at any threshold below
+    0.9; keeping all blobs it is below 1."""
+    vol = volumes[0]
+    assert ndimage.label(vol.mask)[1] == 1 and not vol.mask[:3].any()
+    prob = vol.mask * np.float32(0.9)
+    prob[:3, 10:20, 10:20] = 0.9  # 300 voxels, fewer than the tumour's
+    post = su.PostProcess(threshold=0.3, keep="largest")
+    c = mask_viewer(volumes, untrained_segmenter(post), {vol.patient: prob}).controls
+    assert c["threshold"].value == 0.3
+    for threshold in (0.3, 0.6):
+        c["threshold"].value = threshold
+        label = parse(c["label"].value)
+        assert label["threshold"] == f"{threshold:.2f}" and label["dice_patient"] == "1.000"
+    every_blob = mask_viewer(volumes, probs={vol.patient: prob}).controls
+    assert float(parse(every_blob["label"].value)["dice_patient"]) < 1
 
-    assert su.mask_viewer is seg_viewer.mask_viewer
-    assert {"mask_viewer", "predict", "choose_settings", "train"} <= set(dir(su))
+
+def test_threshold_slider_reaches_any_threshold_a_model_file_holds(volumes):
+    """A PostProcess threshold may be anywhere in [0, 1]; a slider that clamps it would show
+    and apply another threshold than predict does with the same file."""
+    vol = volumes[0]
+    nothing = {vol.patient: np.zeros(vol.mask.shape, np.float32)}
+    for threshold in (0.02, 0.97):
+        segmenter = untrained_segmenter(su.PostProcess(threshold=threshold))
+        c = mask_viewer(volumes, segmenter, nothing).controls
+        assert c["threshold"].value == threshold
+        assert parse(c["label"].value)["threshold"] == f"{threshold:.2f}"
