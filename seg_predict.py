@@ -233,7 +233,7 @@ def predict(
     try:
         segmenter.post = replace(segmenter.post, **(changes or {}))
     except (TypeError, ValueError) as e:
-        raise DataError(f"{e}: change the flags") from e
+        raise DataError(f"{e}: change the flags ({model} holds {segmenter.post})") from e
     scan = read_scan(source, t1, t1c)
     image, filled = model_image(scan, segmenter.channels, model, fill_missing)
     pred = segmenter.mask(image, progress).astype(np.uint8)
@@ -247,5 +247,6 @@ def predict(
     summary |= summarise_prediction(scan, pred)
     with staged_folder(out_dir, overwrite, keep) as folder:
         summary["outputs"] = write_results(folder, scan, image, pred)
-        (folder / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+        text = json.dumps(summary, indent=1)
+        (folder / "summary.json").write_text(text)
+    return json.loads(text)  # exactly what summary.json holds

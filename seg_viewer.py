@@ -42,7 +42,11 @@ def mask_viewer(volumes: list[su.Volume], segmenter: su.Segmenter | None = None,
         ),
         "opacity": W.FloatSlider(0.35, min=0.0, max=1.0, step=0.05, description="opacity"),
         "threshold": W.FloatSlider(
-            post.threshold, min=0.05, max=0.95, step=0.05, description="threshold"
+            post.threshold,
+            min=min(0.05, post.threshold),  # a model file's threshold may be anywhere in [0, 1]
+            max=max(0.95, post.threshold),
+            step=0.05,
+            description="threshold",
         ),
         "label": W.Label(),
         "image": W.Image(format="png", width=384, height=384),

@@ -642,3 +642,23 @@ def test_tumour_weights_known_answer():
     np.testing.assert_allclose(su.tumour_weights(dataset, 0.25), quarter)
     np.testing.assert_allclose(su.tumour_weights(dataset, 1.0), [1 / 6] * 3 + [1 / 4] * 2)
     np.testing.assert_allclose(su.tumour_weights(dataset, 0.0), [0, 1 / 8, 3 / 8, 1 / 4, 1 / 4])
+
+
+@pytest.mark.parametrize(
+    "spec, channels",
+    [("all", (0, 1, 2)), ("flair", (su.FLAIR,)), ("FLAIR, t1c", (1, 2)), ("2,0", (0, 2))],
+)
+def test_parse_channels_known_answers(spec, channels):
+    assert su.parse_channels(spec) == channels
+    assert su.Preprocess(channels=list(channels)).channels == channels  # a list from JSON too
+
+
+@pytest.mark.parametrize("spec", ["t2", "flair,5", ""])
+def test_channels_the_model_cannot_read_are_refused(spec):
+    with pytest.raises(ValueError, match="channel"):
+        su.parse_channels(spec)
+
+
+def test_preprocess_refuses_repeated_channels():
+    with pytest.raises(ValueError, match="distinct indices"):
+        su.Preprocess(channels=(1, 1))
