@@ -19,14 +19,14 @@ LINT_PATHS := seg_*.py tests benchmarks notebooks
 # (tests/conftest.py sets it too).
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: help venv data run html test lab viewer lint browser-deps clean
+.PHONY: help venv data run html test test-modules test-notebooks lab viewer lint browser-deps clean
 
 help:
 	@echo "make venv          create/update .venv from requirements.txt (+ editable seg_utils)"
 	@echo "make data          resolve the data (LGG_DATA, data/kaggle_3m/ or synthetic) and say where"
 	@echo "make run           execute notebooks/[0-9]*.ipynb in order into $(RUN_DIR)/"
 	@echo "make html          render the executed notebooks of 'make run' to $(HTML_DIR)/"
-	@echo "make test          pytest tests/ and the notebooks (nbval, SEG_QUICK=1)"
+	@echo "make test          pytest tests/ and, side by side, the notebooks (nbval, SEG_QUICK=1)"
 	@echo "make lab           JupyterLab on notebooks/"
 	@echo "make viewer        Voila mask viewer on http://127.0.0.1:$(VIEWER_PORT)/"
 	@echo "make lint          ruff check + ruff format --check"
@@ -63,9 +63,16 @@ html: venv
 	$(VENV)/bin/jupyter nbconvert --to html --output-dir $(HTML_DIR) $(RUN_DIR)/[0-9]*.ipynb
 	@echo "The lessons as HTML, outputs included: $(CURDIR)/$(HTML_DIR)/"
 
+# The two halves of the suite run side by side, one thread each, one per core: a 2-core laptop
+# finishes both in the time of the longer. --output-sync prints each half's output whole.
 test: venv
-	MPLBACKEND=Agg $(PY) -m pytest tests/ -q
-	SEG_QUICK=1 SEG_RUN_DIR=$(CURDIR)/runs/ci $(PY) -m pytest --nbval-lax --nbval-current-env notebooks/ -q
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-modules test-notebooks
+
+test-modules: venv
+	OMP_NUM_THREADS=1 MPLBACKEND=Agg $(PY) -m pytest tests/ -q
+
+test-notebooks: venv
+	OMP_NUM_THREADS=1 SEG_QUICK=1 SEG_RUN_DIR=$(CURDIR)/runs/ci $(PY) -m pytest --nbval-lax --nbval-current-env notebooks/ -q
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/

@@ -65,14 +65,6 @@ def test_notebook_reads_only_the_variables_it_varies(path):
     assert "SEG_MODEL" not in read or path.name.startswith("04_"), f"{path.name}: SEG_MODEL is 04's"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_code_has_no_private_names_and_no_fmt_skip(path):
-    code = "\n".join(_code(path))
-    assert "fmt: skip" not in code, f"{path.name}: write code that ruff formats well"
-    private = re.findall(r"\b(?:su|seg_\w+)\._\w+", code)
-    assert not private, f"{path.name} uses private names {private}"
-
-
 # ----------------------------------------------------------------------------- the lesson frame
 # Every notebooks/[0-9]*.ipynb (06 and later included) has the same frame:
 # - the first cell is markdown, its first line "# NN · <Verb> ..." (NN the file's number, the
@@ -152,3 +144,39 @@ def test_notebook_03_trains_the_library_defaults(monkeypatch):
         f"{path.name}'s parameters cell: update its defaults to the library's"
     )
     assert su.parse_channels(params["CHANNELS"]) == pre.channels
+
+
+def test_notebook_04_scores_a_cross_validation_ensemble_with_the_choice_it_holds(
+    tiny_model, synthetic_set, tmp_path, monkeypatch
+):
+    """A model file whose PostProcess was chosen out of fold (cross_validate.py's ensemble.pt):
+    notebook 04 chooses nothing on validation (those patients trained it), scores the test
+    patients with the file's PostProcess, and leaves the file as it was."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    import seg_utils as su
+
+    ensemble = su.load_segmenter(tiny_model, tiny_model)
+    ensemble.post = su.PostProcess(threshold=0.4, keep="largest")
+    ensemble.chosen_on = "out of fold"
+    path = tmp_path / "ensemble.pt"
+    ensemble.save(path)
+    saved = path.read_bytes()
+    data = synthetic_set(8, 0)
+    for name, value in dict(
+        SEG_QUICK="1", LGG_DATA=data, SEG_RUN_DIR=tmp_path, SEG_MODEL=path
+    ).items():
+        monkeypatch.setenv(name, str(value))
+    notebook = nbformat.read(NOTEBOOKS[3], as_version=4)
+    where = {"metadata": {"path": str(NOTEBOOKS[3].parent)}}
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources=where).execute()
+    record = json.loads((tmp_path / "ensemble_test.json").read_text())
+    assert (record["chosen_on"], record["networks"]) == ("out of fold", 2)
+    assert su.PostProcess(**record["postprocess"]) == ensemble.post
+    assert path.read_bytes() == saved, "04 wrote into a model file chosen out of fold"
+    test = su.load_volumes(su.split_by_patient(su.scan_dataset(data))["test"], progress=False)
+    patients, _, _ = su.score_patients(
+        ensemble.predict_volumes(test, progress=False), test, ensemble.post
+    )
+    assert record["test"]["patient Dice mean"] == pytest.approx(patients.dice.mean(), abs=1e-6)
