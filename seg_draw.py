@@ -1,4 +1,4 @@
-"""How the lessons draw: a slice with its masks (truth green, prediction red, both yellow), as a
+"""How the lessons draw: a slice with its masks (truth blue, prediction orange, both pale), as a
 matplotlib axis or as PNG bytes for the viewer; training curves; per-patient Dice. No lesson
 teaches this drawing code; every name here is also su.<name>.
 """
@@ -22,12 +22,13 @@ def show_source(*objects) -> None:
         display(Code(inspect.getsource(obj), language="python"))
 
 
-TRUTH_RGB, PRED_RGB = (0.0, 0.9, 0.0), (1.0, 0.1, 0.1)  # green truth, red prediction
+# Okabe and Ito's blue and orange: colour-blind readers tell them apart, unlike green and red
+TRUTH_RGB, PRED_RGB = (0.0, 0.45, 0.70), (0.90, 0.62, 0.0)
 
 
 def overlay(image, mask=None, pred=None, channel: int | None = FLAIR, opacity: float = 0.35):
     """RGB float (H, W, 3): one channel in grey (None: all three as RGB), masks tinted on top;
-    where truth and prediction overlap the tints mix to yellow."""
+    where truth and prediction overlap the tints add up to a pale yellow."""
     base = image.astype(np.float32) / np.maximum(image.reshape(-1, 3).max(0), 1.0)  # per channel
     rgb = base if channel is None else np.repeat(base[..., channel : channel + 1], 3, axis=2)
     tint = np.zeros_like(rgb)
@@ -39,7 +40,7 @@ def overlay(image, mask=None, pred=None, channel: int | None = FLAIR, opacity: f
 
 
 def draw_overlay(ax, image, mask=None, pred=None, channel=FLAIR, opacity=0.35, title=None):
-    """Draw overlay() on a matplotlib axis with outlines: truth green, prediction red."""
+    """Draw overlay() on a matplotlib axis with outlines: truth blue, prediction orange."""
     ax.imshow(overlay(image, mask, pred, channel, opacity))
     for m, colour in ((mask, TRUTH_RGB), (pred, PRED_RGB)):
         if m is not None and np.any(m):

@@ -930,6 +930,24 @@ def score_patients(probs: dict, volumes: list[Volume], post: PostProcess):
     return pd.DataFrame(patients), pd.DataFrame(slices), masks
 
 
+def error_parts(slices):
+    """Where each patient's error is: its 1 - Dice, (false + missed voxels) / (|P| + |T|), split
+    into four parts that add up to it (one row per patient, pandas), from score_patients' slices."""
+    import pandas as pd
+
+    false, missed = slices.pred_px - slices.inter_px, slices.truth_px - slices.inter_px
+    tumour, found = slices.truth_px > 0, slices.pred_px > 0
+    parts = {
+        "false marks on tumour slices": false.where(tumour, 0),
+        "tumour missed where some is found": missed.where(tumour & found, 0),
+        "tumour slices missed": missed.where(tumour & ~found, 0),
+        "marks on tumour-free slices": false.where(~tumour, 0),
+    }
+    by_patient = pd.DataFrame(parts).groupby(slices.patient, sort=False).sum()
+    total = (slices.pred_px + slices.truth_px).groupby(slices.patient, sort=False).sum()
+    return by_patient.div(total.clip(lower=1), axis=0)  # both empty: Dice 1, no error
+
+
 def bootstrap_ci(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple:
     """Percentile bootstrap interval of the mean (resampling patients)."""
     values = np.asarray(values, dtype=np.float64)

@@ -36,9 +36,9 @@ def mask_viewer(volumes: list[su.Volume], segmenter: su.Segmenter | None = None,
             value=su.FLAIR,
             description="channel",
         ),
-        "truth": W.Checkbox(True, description="truth (green)", indent=False),
+        "truth": W.Checkbox(True, description="truth (blue)", indent=False),
         "pred": W.Checkbox(
-            has_pred, description="prediction (red)", disabled=not has_pred, indent=False
+            has_pred, description="prediction (orange)", disabled=not has_pred, indent=False
         ),
         "opacity": W.FloatSlider(0.35, min=0.0, max=1.0, step=0.05, description="opacity"),
         "threshold": W.FloatSlider(

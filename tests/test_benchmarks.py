@@ -1,5 +1,5 @@
 """The benchmarks (benchmarks/*.py): cross-validation and its ensemble, recipes, time to Dice, the
-site-shift simulator, and every script's --help.
+site-shift simulator, leave one site out, and every script's --help.
 
 One cross-validation runs, in this process and once for the module (the fixture `cv`): two folds
 of a tiny U-Net on 8 synthetic patients, gathered with a second folder of the same folds. The
@@ -27,6 +27,7 @@ import seg_utils as su
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import cross_validate  # noqa: E402
+import leave_one_site_out  # noqa: E402
 import site_shift  # noqa: E402
 import time_to_dice  # noqa: E402
 import train_lgg  # noqa: E402
@@ -262,3 +263,41 @@ def test_time_to_reach_a_dice_known_answers():
     )
     assert time_to_dice.summary_line("new", points, 0.9, base=60.0).endswith("reached: never")
     assert time_to_dice.summary_line("new", points, 0.7, base=None).endswith("reached: 20 s")
+
+
+def test_site_split_known_answer():
+    ids = [f"TCGA_{s}_{n}" for s, n in [("CS", 1), ("CS", 2), ("DU", 1), ("DU", 2), ("DU", 3)]]
+    ids += ["TCGA_HT_1", "TCGA_EZ_1"]
+    groups = leave_one_site_out.site_split(ids, "DU")
+    assert groups["new"] == ["TCGA_DU_1", "TCGA_DU_2", "TCGA_DU_3"]
+    assert len(groups["seen"]) == 1 and len(groups["train"]) == 3  # a fifth of 4, at least one
+    assert sorted(groups["seen"] + groups["train"]) == [
+        "TCGA_CS_1",
+        "TCGA_CS_2",
+        "TCGA_EZ_1",
+        "TCGA_HT_1",
+    ]
+
+
+def test_leave_one_site_out_scores_sites_the_model_never_saw(
+    synthetic_set, tmp_path, monkeypatch, capsys
+):
+    """Synthetic ids (SYN_P000_0000) make every patient a site of its own: two of them held out,
+    each model trains without its site, and the summary holds every input condition."""
+    data = synthetic_set(8, 0)
+    monkeypatch.setenv("LGG_DATA", str(data))
+    pool = su.split_by_patient(su.scan_dataset(data))
+    held_out = sorted({leave_one_site_out.site(r.patient) for r in pool["train"]})[:2]
+    run = ["--run-dir", str(tmp_path), "--sites", ",".join(held_out), *TINY, "--epochs", "1"]
+    leave_one_site_out.main(run)
+    summary = json.loads((tmp_path / "loso_summary.json").read_text())
+    assert sorted(summary["sites"]) == held_out
+    for name, scores in summary["sites"].items():
+        segmenter = su.load_segmenter(tmp_path / name / "last.pt")
+        trained = set(segmenter.patients[0]["train"]) | set(segmenter.patients[0]["val"])
+        assert all(leave_one_site_out.site(p) != name for p in trained)
+        new = scores["new site"]
+        assert list(new) == list(leave_one_site_out.MISSING)
+        assert [leave_one_site_out.site(p) for p in new["every input"]] == [name]
+        assert all(0 <= d <= 1 for c in new.values() for d in c.values())
+    assert "FLAIR only" in capsys.readouterr().out

@@ -429,3 +429,18 @@ def test_check_split_refuses_a_leaky_split_naming_the_patient(source, target):
         su.DataError, match=rf"1 evaluation patients \({leaked}, .*trained or chose"
     ):
         su.check_split(segmenter, splits)
+
+
+def test_error_parts_known_answer_adds_up_to_one_minus_dice():
+    """Slice 1: 3 marked, 2 of them on its 2 tumour px; slice 2: 4 tumour px, none found;
+    slice 3: tumour-free, 1 px marked. |P| + |T| = 4 + 6; 1 - Dice = 0.6."""
+    volume = su.Volume(
+        "P", [1, 2, 3], np.zeros((3, 4, 4, 3), np.uint8), np.zeros((3, 4, 4), np.uint8)
+    )
+    volume.mask[0, 0, :2] = volume.mask[1, 1, :] = 1
+    prob = np.zeros((3, 4, 4), np.float32)
+    prob[0, 0, :3] = prob[2, 3, 0] = 1
+    patients, slices, _ = su.score_patients({"P": prob}, [volume], su.PostProcess())
+    parts = su.error_parts(slices).loc["P"]
+    assert parts.tolist() == pytest.approx([0.1, 0.0, 0.4, 0.1])
+    assert parts.sum() == pytest.approx(1 - patients.dice[0])
