@@ -25,15 +25,16 @@ def decode(png: bytes) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def red_pixels(rgb: np.ndarray) -> int:
-    """Pixels clearly red (prediction outline or tint); grey and green never are."""
-    r, g, b = (rgb[..., i].astype(int) for i in range(3))
-    return int(((r - np.maximum(g, b)) > 60).sum())
+def orange_pixels(rgb: np.ndarray) -> int:
+    """Pixels clearly orange (prediction outline or tint: su.PRED_RGB); grey and blue never are."""
+    r, b = (rgb[..., i].astype(int) for i in (0, 2))
+    return int(((r - b) > 60).sum())
 
 
-def green_pixels(rgb: np.ndarray) -> int:
-    r, g, b = (rgb[..., i].astype(int) for i in range(3))
-    return int(((g - np.maximum(r, b)) > 60).sum())
+def blue_pixels(rgb: np.ndarray) -> int:
+    """Pixels clearly blue (truth outline or tint: su.TRUTH_RGB); grey and orange never are."""
+    r, b = (rgb[..., i].astype(int) for i in (0, 2))
+    return int(((b - r) > 40).sum())
 
 
 def fake_probs(volume: su.Volume, seed: int) -> np.ndarray:
@@ -172,15 +173,15 @@ def test_prediction_toggle_removes_the_prediction_colour(viewer, volumes, probs)
     c["threshold"].value = 0.5
     c["slice"].value = int(np.argmax((probs[vol.patient] >= 0.5).sum((1, 2))))  # most predicted
     shown = decode(c["image"].value)
-    assert red_pixels(shown) > 50 and green_pixels(shown) > 50
+    assert orange_pixels(shown) > 50 and blue_pixels(shown) > 50
     c["pred"].value = False
     hidden = decode(c["image"].value)
-    assert red_pixels(hidden) == 0
-    assert green_pixels(hidden) > 50, "the truth stays"
+    assert orange_pixels(hidden) == 0
+    assert blue_pixels(hidden) > 50, "the truth stays"
     c["truth"].value = False
-    assert green_pixels(decode(c["image"].value)) == 0
+    assert blue_pixels(decode(c["image"].value)) == 0
     c["pred"].value = True
-    assert red_pixels(decode(c["image"].value)) > 50
+    assert orange_pixels(decode(c["image"].value)) > 50
 
 
 def test_channel_all_three_shows_colour_and_stays_selected(viewer, volumes):
@@ -200,11 +201,11 @@ def test_channel_all_three_shows_colour_and_stays_selected(viewer, volumes):
     assert len(images) == 3
 
 
-def test_viewer_without_predictions_shows_no_dice_and_no_red(volumes):
+def test_viewer_without_predictions_shows_no_dice_and_no_prediction(volumes):
     c = mask_viewer(volumes).controls
     assert c["pred"].disabled and not c["pred"].value and c["threshold"].disabled
     assert parse(c["label"].value)["dice_slice"] is None
-    assert red_pixels(decode(c["image"].value)) == 0
+    assert orange_pixels(decode(c["image"].value)) == 0
 
 
 def test_model_predictions_are_computed_once_per_patient(volumes, monkeypatch, record_property):
