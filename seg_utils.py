@@ -496,6 +496,8 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader processes; 0 loads in the training process
     ema_decay: float = 0.998  # > 0: validate and save a moving average of the weights over
     # about 1 / (1 - decay) steps (update_ema); 0: the trained weights themselves
+    input_dropout: float = 0.0  # chance that each input other than FLAIR is replaced by FLAIR on
+    # a training slice (drop_inputs), as in scans whose other inputs are missing
 
     def __post_init__(self):
         if not 0 < self.train_crop <= 1:
@@ -504,6 +506,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay is in [0, 1) (0: no average), not {self.ema_decay}")
         if not 0 <= self.sampling_uniform <= 1:
             raise ValueError(f"sampling_uniform is a share in [0, 1], not {self.sampling_uniform}")
+        if not 0 <= self.input_dropout <= 1:
+            raise ValueError(f"input_dropout is a chance in [0, 1], not {self.input_dropout}")
 
 
 def epoch_loader(dataset: SliceDataset, config: TrainConfig, weights, epoch: int):
@@ -542,6 +546,18 @@ def random_crops(x: torch.Tensor, y: torch.Tensor, side: int, generator: torch.G
     return torch.stack(xs), torch.stack(ys)  # (B, C, side, side), (B, 1, side, side)
 
 
+def drop_inputs(x: torch.Tensor, channels: tuple, chance: float, generator) -> torch.Tensor:
+    """Each input but FLAIR of each image (B, C, S, S), with `chance`, replaced by the image's
+    FLAIR: what a scan whose other inputs are missing gives once FLAIR is copied into them
+    (normalised FLAIR, since a copied channel is normalised like FLAIR)."""
+    if chance == 0 or FLAIR not in channels:
+        return x
+    flair = x[:, channels.index(FLAIR)]  # (B, S, S)
+    dropped = torch.rand(len(x), len(channels), generator=generator) < chance  # (B, C)
+    dropped[:, channels.index(FLAIR)] = False
+    return torch.where(dropped[:, :, None, None], flair[:, None], x)
+
+
 def unwrapped(model: nn.Module) -> nn.Module:
     """The U-Net inside torch.compile(model)'s wrapper (keys without "_orig_mod."), or model."""
     return getattr(model, "_orig_mod", model)
@@ -571,8 +587,10 @@ def train_one_epoch(
     side = crop_side(loader.dataset.pre.size, config.train_crop, unwrapped(model).config["depth"])
     generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch + 7)  # resumable
     bar = tqdm(loader, desc="batches", leave=False, disable=not progress)
+    channels = loader.dataset.pre.channels
     for x, y in bar:
         x, y = random_crops(x, y, side, generator)
+        x = drop_inputs(x, channels, config.input_dropout, generator)
         total += train_step(model, optimizer, x, y, precision, config.dice_weight) * len(x)
         seen += len(x)
         scheduler.step()

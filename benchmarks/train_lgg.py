@@ -39,6 +39,7 @@ DEFAULTS = dict(  # this checkout's defaults: what `--recipe default` trains
     crop=su.TrainConfig.train_crop,
     uniform=su.TrainConfig.sampling_uniform,
     ema=su.TrainConfig.ema_decay,
+    input_dropout=su.TrainConfig.input_dropout,
 )
 RECIPES = {
     "default": {},
@@ -55,6 +56,7 @@ RECIPES = {
         crop=1.0,
         uniform=0.1,
         ema=0.0,
+        input_dropout=0.0,
     ),
 }
 
@@ -100,6 +102,11 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="decay of the moving average of the weights that is validated and saved (0 = none)",
     )
+    parser.add_argument(
+        "--input-dropout",
+        type=float,
+        help="chance that each input but FLAIR is replaced by FLAIR on a training slice",
+    )
 
 
 def recipe_from_args(args: argparse.Namespace) -> dict:
@@ -135,6 +142,7 @@ def train_run(
         train_crop=recipe["crop"],
         sampling_uniform=recipe["uniform"],
         ema_decay=recipe["ema"],
+        input_dropout=recipe["input_dropout"],
     )
     print(
         f"{su.count_parameters(model):,} parameters, {len(train_set)} training slices "

@@ -603,3 +603,15 @@ def test_random_crops_cut_the_same_window_of_image_and_mask():
     again = su.random_crops(x, y, 4, torch.Generator().manual_seed(0))[0]
     assert torch.equal(again, xs)  # seeded: a resumed epoch draws the same windows
     assert su.random_crops(x, y, 8, torch.Generator())[0] is x  # whole image: nothing to cut
+
+
+def test_drop_inputs_copies_flair_into_the_dropped_inputs_only():
+    x = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)  # (B, C, S, S)
+    always = su.drop_inputs(x, (0, 1, 2), 1.0, torch.Generator().manual_seed(0))
+    assert all(torch.equal(always[:, c], x[:, 1]) for c in range(3))  # FLAIR everywhere
+    assert su.drop_inputs(x, (0, 1, 2), 0.0, None) is x
+    assert su.drop_inputs(x[:, [0, 2]], (0, 2), 1.0, None).equal(x[:, [0, 2]])  # no FLAIR: kept
+    some = su.drop_inputs(x.repeat(500, 1, 1, 1), (0, 1, 2), 0.3, torch.Generator().manual_seed(0))
+    dropped = (some[:, [0, 2]] == some[:, [1, 1]]).all(-1).all(-1).float().mean().item()
+    assert dropped == pytest.approx(0.3, abs=0.05)
+    assert torch.equal(some[:, 1], x.repeat(500, 1, 1, 1)[:, 1])  # FLAIR itself never changes
