@@ -78,7 +78,7 @@ lab: venv
 	$(VENV)/bin/jupyter lab notebooks/
 
 viewer: venv
-	$(VENV)/bin/voila notebooks/05_mask_viewer.ipynb --port=$(VIEWER_PORT) --Voila.ip=127.0.0.1
+	$(VENV)/bin/voila notebooks/05_where_the_model_is_wrong.ipynb --port=$(VIEWER_PORT) --Voila.ip=127.0.0.1
 
 lint: venv
 	$(VENV)/bin/ruff check $(LINT_PATHS)

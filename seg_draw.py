@@ -100,10 +100,12 @@ def plot_history(history: list[dict], axes=None):
     epochs = [h["epoch"] for h in history]
     axes[0].plot(epochs, [h["train_loss"] for h in history], "o-")
     axes[0].set(xlabel="epoch", ylabel="training loss (BCE + Dice)", title="loss")
-    axes[1].plot(epochs, [h["val_dice"] for h in history], "o-", color="tab:blue", label="saved")
-    if "val_dice_raw" in history[-1]:  # with a moving average: the trained weights' own score
+    averaged = "val_dice_raw" in history[-1]  # then val_dice is the moving average's
+    label = "moving average of the weights (saved)" if averaged else "the weights (saved)"
+    axes[1].plot(epochs, [h["val_dice"] for h in history], "o-", color="tab:blue", label=label)
+    if averaged:
         raw = [h.get("val_dice_raw") for h in history]
-        axes[1].plot(epochs, raw, ".--", color="tab:orange", label="trained weights, no average")
+        axes[1].plot(epochs, raw, ".--", color="tab:orange", label="the trained weights themselves")
         axes[1].legend(fontsize=8, loc="lower right")
     axes[1].set(
         xlabel="epoch", ylabel="mean per-patient Dice", title="validation Dice", ylim=(0, 1)

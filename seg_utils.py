@@ -14,6 +14,7 @@ Contents                                                               taught in
     3. Model and training: UNet, bce_dice_loss, train_step, train          03_train_unet
     4. The segmenter and its evaluation: Segmenter, PostProcess,           04_evaluate
        score_patients, summarise, sweep_postprocessing
+       Where the error is: error_parts                                     05_where_the_model_is_wrong
 
 The names imported below from the lower modules (seg_files, seg_hardware, seg_runs, seg_draw,
 seg_synthetic) are su.<name> too, so that a lesson needs one import. Modules above this one

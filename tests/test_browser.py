@@ -29,7 +29,7 @@ import seg_utils as su
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[1]
-NOTEBOOK = REPO / "notebooks" / "05_mask_viewer.ipynb"
+NOTEBOOK = REPO / "notebooks" / "05_where_the_model_is_wrong.ipynb"
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
