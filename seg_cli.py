@@ -7,20 +7,26 @@
     unet-seg data                              # where the data set is (or make the synthetic one)
 
 `unet-seg` is installed with the project (pyproject.toml); `python -m seg_cli ...` is the same.
-Errors the user can fix print one line and exit with status 2.
+Errors the user can fix print one line and exit with status 2; Ctrl-C one line, status 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
-import seg_utils as su
-from seg_export import export_onnx
-from seg_files import DataError
-from seg_predict import needed_inputs, predict
-from seg_runs import CheckpointError
+try:  # Ctrl-C while torch loads, most of a short run, ends in one line as any Ctrl-C does
+    import seg_utils as su
+    from seg_export import export_onnx
+    from seg_files import DataError
+    from seg_predict import needed_inputs, predict
+    from seg_runs import CheckpointError
+except KeyboardInterrupt:
+    print("interrupted: nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 MODEL_HELP = "best.pt of training, or a model file of notebook 04 / cross_validate.py"
 
@@ -38,11 +44,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="probability cut-off (default: the model's)")
     p.add_argument("--min-size", type=int, help="drop 3D blobs under this many voxels")
     p.add_argument("--keep", choices=["all", "largest", "mass"], help="which blobs to keep")
-    p.add_argument(
-        "--drop-ends",
-        type=float,
-        help="drop blobs wholly within this share of the slices at either end (skull base, vertex)",
-    )
+    ends = "drop blobs wholly within this share of the slices at either end (skull base, vertex)"
+    p.add_argument("--drop-ends", type=float, help=ends)
     tta = "flip test-time augmentation (default: the model's)"
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, help=tta)
     p.add_argument("--fill-missing", choices=["flair"], help="copy FLAIR into missing channels")
@@ -50,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     e = sub.add_parser("export", help="write the model as ONNX (dynamic batch)")
     e.add_argument("model", type=Path, help=MODEL_HELP)
-    e.add_argument("onnx", type=Path, help="output file, e.g. model.onnx")
+    e.add_argument("onnx", help="output file, e.g. model.onnx")  # a str: "model/" keeps its /
     e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     i = sub.add_parser("inputs", help="say which scans a model needs")
     i.add_argument("model", type=Path, help=MODEL_HELP)
@@ -58,35 +61,42 @@ def parser() -> argparse.ArgumentParser:
     return main
 
 
+def say(text: str, file=None) -> None:
+    """Print a line; bytes of a file name that are not UTF-8 show as \\xNN instead of raising."""
+    print(text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), file=file)
+
+
+def interrupted(args: argparse.Namespace, started: float) -> str:
+    """What Ctrl-C left on disk: the command's output as it was, or complete if just written."""
+    if args.command not in ("predict", "export"):
+        return "interrupted: nothing was written"
+    target = args.out if args.command == "predict" else args.onnx
+    made = Path(target, "summary.json") if args.command == "predict" else target
+    if os.path.exists(made) and os.path.getmtime(made) >= started:
+        return f"interrupted after {target} was written in full"
+    return f"interrupted: {target} is as it was before (nothing half-written)"
+
+
 def run_predict(args: argparse.Namespace) -> None:
     """predict with the flags given, then one line on what was found."""
     names = ("threshold", "min_size", "keep", "drop_ends", "tta")
     changes = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-    summary = predict(
-        args.model,
-        args.input,
-        args.out,
-        args.t1,
-        args.t1c,
-        changes,
-        args.fill_missing,
-        args.overwrite,
-        not args.quiet,
-    )
+    flags = (changes, args.fill_missing, args.overwrite, not args.quiet)
+    summary = predict(args.model, args.input, args.out, args.t1, args.t1c, *flags)
     for warning in summary["warnings"]:
-        print(f"warning: {warning}", file=sys.stderr)
+        say(f"warning: {warning}", sys.stderr)
     size = summary.get("tumour_volume_ml")
     found = f"{size:.2f} mL" if size is not None else f"{summary['tumour_pixels']} px"
     dice = f", Dice {summary['dice']:.3f}" if "dice" in summary else ""
-    print(
+    say(
         f"{summary['tumour_slice_count']} of {summary['slices']} slices with tumour, {found}"
         f"{dice}; results in {args.out}/"
     )
 
 
 def main(argv=None) -> int:
-    """Run one command; errors the user can fix print one line and return 2."""
-    args = parser().parse_args(argv)
+    """Run one command; errors the user can fix print one line and return 2, Ctrl-C 130."""
+    args, started = parser().parse_args(argv), time.time()
     try:
         if args.command == "data":
             found = su.resolve_data_dir()
@@ -94,12 +104,15 @@ def main(argv=None) -> int:
         elif args.command == "predict":
             run_predict(args)
         elif args.command == "export":
-            print(f"wrote {export_onnx(args.model, args.onnx, args.overwrite)}")
+            say(f"wrote {export_onnx(args.model, args.onnx, args.overwrite)}")
         else:
-            print(f"{args.model} needs: {needed_inputs(su.load_segmenter(args.model).channels)}")
+            say(f"{args.model} needs: {needed_inputs(su.load_segmenter(args.model).channels)}")
     except (DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        say(interrupted(args, started), sys.stderr)
+        return 130
     return 0
 
 

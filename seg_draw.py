@@ -74,18 +74,10 @@ def show_examples(volumes: list, n: int = 8, seed: int = 0, channel=None, cols=4
         ax.set_axis_off()
     for ax, v in zip(axes.flat, picks):
         vol = volumes[v]
-        z = (
-            rng.choice(np.flatnonzero(vol.mask.any((1, 2))))
-            if vol.mask.any()
-            else len(vol.mask) // 2
-        )
-        draw_overlay(
-            ax,
-            vol.image[z],
-            vol.mask[z],
-            channel=channel,
-            title=f"{vol.patient} slice {vol.slices[z]}",
-        )
+        tumour = np.flatnonzero(vol.mask.any((1, 2)))  # (D,) -> indices of its tumour slices
+        z = rng.choice(tumour) if len(tumour) else len(vol.mask) // 2
+        title = f"{vol.patient} slice {vol.slices[z]}"
+        draw_overlay(ax, vol.image[z], vol.mask[z], channel=channel, title=title)
     fig.tight_layout()
     return fig
 
@@ -107,9 +99,7 @@ def plot_history(history: list[dict], axes=None):
         raw = [h.get("val_dice_raw") for h in history]
         axes[1].plot(epochs, raw, ".--", color="tab:orange", label="the trained weights themselves")
         axes[1].legend(fontsize=8, loc="lower right")
-    axes[1].set(
-        xlabel="epoch", ylabel="mean per-patient Dice", title="validation Dice", ylim=(0, 1)
-    )
+    axes[1].set(xlabel="epoch", ylabel="mean per-patient Dice", title="validation", ylim=(0, 1))
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return axes

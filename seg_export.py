@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 import seg_utils as su
-from seg_files import DataError
+from seg_files import DataError, check_path
 from seg_runs import write_atomically
 
 
@@ -40,11 +41,11 @@ def _quiet_export():
 def export_onnx(model, out_path, overwrite: bool = False) -> Path:
     """Write the model file's U-Net as ONNX (fp32, dynamic batch), atomically, over an existing
     file only with `overwrite`, never over the model file."""
-    out_path = Path(out_path)
-    if out_path.resolve() == Path(model).resolve():
+    named, out_path = str(out_path), check_path(out_path, "ONNX file")
+    if os.path.realpath(out_path) == os.path.realpath(model):  # realpath: no error on a loop
         raise DataError(f"{out_path} is the model file itself: name the ONNX file, e.g. model.onnx")
-    if out_path.is_dir():
-        raise DataError(f"{out_path} is a folder: name the file, e.g. {out_path / 'model.onnx'}")
+    if out_path.is_dir() or named.endswith(("/", os.sep)):  # "model/" would write "model"
+        raise DataError(f"{named} is a folder: name the file, e.g. {out_path / 'model.onnx'}")
     if out_path.exists() and not overwrite:
         raise DataError(
             f"{out_path} already exists: choose another name, or pass --overwrite "
@@ -56,21 +57,14 @@ def export_onnx(model, out_path, overwrite: bool = False) -> Path:
     net, pre = segmenter.nets[0].float(), segmenter.pres[0]
     net = net.to(memory_format=torch.contiguous_format)
     example = torch.zeros(2, len(pre.channels), pre.size, pre.size)  # batch 2: not specialised
-    batch = {"x": {0: torch.export.Dim("batch")}}
+    names = dict(input_names=["image"], output_names=["logits"], verbose=False)
+    batch = {"x": {0: torch.export.Dim("batch")}}  # any batch size
     try:
         with _quiet_export():
-            program = torch.onnx.export(
-                net,
-                (example,),
-                input_names=["image"],
-                output_names=["logits"],
-                dynamic_shapes=batch,
-                verbose=False,
-            )
+            program = torch.onnx.export(net, (example,), dynamic_shapes=batch, **names)
     except ImportError as e:
-        raise ImportError(
-            "ONNX export needs onnx and onnxscript: pip install -r requirements.txt"
-        ) from e
+        needs = "ONNX export needs onnx and onnxscript: pip install -r requirements.txt"
+        raise ImportError(needs) from e
     program.model.metadata_props["seg_utils.preprocess"] = json.dumps(asdict(pre))
     model_bytes = program.model_proto.SerializeToString()  # weights inside: no external data file
     try:

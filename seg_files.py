@@ -1,4 +1,4 @@
-"""Reading the kaggle_3m folder and split files safely: the file names, the checks on every folder
+"""Reading the kaggle_3m folder safely: the file names, the checks on every folder
 and file (and on the probabilities handed to scoring), and DataError, whose message names the file
 and the fix. seg_utils.scan_dataset and read_slice (lesson 01) build on these; no lesson teaches
 them. Its public names are su.<name> too.
@@ -10,8 +10,9 @@ The layout (the LGG MRI Segmentation set, and the synthetic stand-in of seg_synt
 
 from __future__ import annotations
 
-import json
+import errno
 import numbers
+import os
 import re
 from pathlib import Path
 
@@ -30,6 +31,46 @@ def error_gist(error: Exception) -> str:
     """The type and first sentence of an exception, for messages that say what went wrong."""
     text = " ".join(str(error).split()).split("WeightsUnpickler error: ")[-1]  # torch.load's gist
     return f"{type(error).__name__}: {text.split('. ')[0][:240]}"
+
+
+PATH_PROBLEMS = {  # an OSError's errno on a path the user gave: what it means, what to do
+    errno.ELOOP: "is a loop of symbolic links: point the link at a real file or folder",
+    errno.ENAMETOOLONG: "has a name too long for this file system: choose a shorter one",
+    errno.EACCES: "is not open to you (permission denied): ask its owner for access, or use your own",
+}
+
+
+def check_path(path, what: str, missing: str | None = None, kind=DataError) -> Path:
+    """Path(path) if readable, or (`missing` None) writable; else `kind` saying why and the fix."""
+    path = Path(path)
+    try:
+        os.stat(path)  # raises what is wrong: missing, a loop, too long, not allowed
+        if os.path.isdir(path):
+            os.listdir(path)
+        elif os.path.isfile(path):  # not a FIFO: opening one would wait for a writer
+            open(path, "rb").close()
+    except FileNotFoundError as e:
+        if missing is not None:
+            raise kind(f"{path} does not exist: {missing}") from e
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        fix = PATH_PROBLEMS.get(getattr(e, "errno", None), f"cannot be used ({e}): check it")
+        raise kind(f"{path} ({what}) {fix}") from e
+    if missing is None:  # an output: fail before the work, not after it
+        parent = next(p for p in Path(os.path.abspath(path)).parents if p.exists())
+        if not os.access(parent, os.W_OK):
+            raise kind(f"cannot write in {parent} (permission denied): choose an {what} elsewhere")
+    return path
+
+
+def read_image(path: Path) -> np.ndarray:
+    """cv2.imread(path, IMREAD_UNCHANGED) but through bytes: OpenCV's crashes on non-UTF-8 names."""
+    data = np.fromfile(check_path(path, "an image", "restore it"), np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None or image.size == 0:
+        raise DataError(
+            f"{path}: cannot be read as an image (empty, corrupt, not PNG/TIFF): replace it"
+        )
+    return image
 
 
 def find_kaggle_dir(root: str | Path) -> Path:
@@ -91,38 +132,10 @@ def read_tiff(path: Path, what: str) -> np.ndarray:
     """Read a TIFF unchanged, or raise DataError naming the file."""
     if not path.is_file():
         raise DataError(f"{path}: {what} file is missing")
-    array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if array is None or array.size == 0:
-        raise DataError(f"{path}: cannot be read as an image (corrupt or truncated?): replace it")
+    array = read_image(path)
     if array.dtype != np.uint8:
         raise DataError(f"{path}: expected 8-bit pixels, found {array.dtype}")
     return array
-
-
-def load_split_file(path: str | Path, records: list) -> dict[str, list]:
-    """Split SliceRecords by a JSON file {"splits": {"train": [ids], "val": [...], "test": [...]}}."""
-    try:
-        splits = {
-            name: set(ids) for name, ids in json.loads(Path(path).read_text())["splits"].items()
-        }
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise DataError(
-            f"{path} is not a split file ({error_gist(e)}): it must hold "
-            '{"splits": {"train": [ids], "val": [ids], "test": [ids]}}'
-        ) from e
-    names = list(splits)
-    for i, first in enumerate(names):
-        for second in names[i + 1 :]:
-            both = sorted(splits[first] & splits[second])
-            if both:
-                raise DataError(
-                    f"{path} puts {both[:3]}... in both {first} and {second}: "
-                    "each patient belongs to one split only"
-                )
-    missing = sorted(set().union(*splits.values()) - {r.patient for r in records})
-    if missing:
-        raise DataError(f"{path} names patients with no data: {missing[:3]}... check LGG_DATA")
-    return {name: [r for r in records if r.patient in ids] for name, ids in splits.items()}
 
 
 def is_number(value, kind=numbers.Real) -> bool:
@@ -130,16 +143,11 @@ def is_number(value, kind=numbers.Real) -> bool:
     return isinstance(value, kind) and not isinstance(value, (bool, np.bool_))
 
 
-def check_threshold(threshold) -> None:
-    """Raise ValueError unless threshold is a probability cut-off, a number in [0, 1]."""
-    if not is_number(threshold) or not 0 <= threshold <= 1:  # NaN fails too
-        raise ValueError(f"threshold {threshold!r} is not a probability: choose one in [0, 1]")
-
-
 def check_probabilities(prob: np.ndarray, volume, threshold: float) -> None:
     """Raise ValueError unless threshold and every probability of a patient lie in [0, 1] and
     the probabilities have the shape of volume.mask (seg_utils.score_patients checks with it)."""
-    check_threshold(threshold)
+    if not is_number(threshold) or not 0 <= threshold <= 1:  # NaN fails too
+        raise ValueError(f"threshold {threshold!r} is not a probability: choose one in [0, 1]")
     if prob.shape != volume.mask.shape:
         raise ValueError(
             f"probabilities of {volume.patient} have shape {prob.shape}, its mask "

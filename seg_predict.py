@@ -11,6 +11,7 @@ the input's own geometry, overlay.png, summary.json) land in a new folder, all a
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -24,12 +25,14 @@ import numpy as np
 
 import seg_utils as su
 from seg_draw import render_slice
-from seg_files import CHANNELS, FLAIR, DataError
+from seg_files import CHANNELS, FLAIR, DataError, check_path
 from seg_runs import usual_mode
 from seg_scan import Scan, axis_codes, from_axial_slices, nifti_mask, read_scan
 
 INPUT_FLAGS = ("--t1", "INPUT", "--t1c")  # where each of CHANNELS comes from for NIfTI input
 SYSTEM_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}  # a file browser's, not the user's
+WRITING, PREVIOUS = "writing-", "previous-"  # .<out>.unet-seg-<this>XXXXXXXX beside --out: the
+# new results being written, and the earlier ones they replace (a kill may leave them)
 
 
 def needed_inputs(channels: tuple) -> str:
@@ -62,9 +65,8 @@ def channel_warnings(scan: Scan, channels: tuple) -> list[str]:
     """A note where the channels the model reads are all identical, as in a grey scan saved as
     RGB: the model then works from FLAIR alone."""
     image = scan.image[..., list(channels)]  # (D, H, W, C)
-    if len(channels) < 2 or any(c not in scan.present for c in channels):
-        return []
-    if (image != image[..., :1]).any():
+    given = len(channels) > 1 and all(c in scan.present for c in channels)
+    if not given or (image != image[..., :1]).any():
         return []
     names = ", ".join(CHANNELS[c] for c in channels)
     return [
@@ -96,6 +98,7 @@ def montage(image: np.ndarray, pred: np.ndarray, names: list, truth=None, cols=6
         png = render_slice(image[z], None if truth is None else truth[z], pred[z], size=256)
         panel = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)  # (256, 256, 3)
         label = names[z] if found[z] else f"{names[z]}: no tumour found"
+        label = label.encode("ascii", "replace").decode()  # putText crashes on a name not UTF-8
         cv2.putText(panel, label, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 255, 255), 1)
         panels.append(panel)
     panels += [np.zeros_like(panels[0])] * (-len(panels) % min(cols, len(panels)))
@@ -127,14 +130,32 @@ def _not_results(out: Path) -> list[str]:
     return sorted(n for n in names if n not in listed and not n.startswith("._"))
 
 
+def _finish_killed_run(out: Path) -> None:
+    """Put right what a predict killed mid-way left beside `out` (WRITING, PREVIOUS)."""
+    mine = f".{out.name}.unet-seg-"
+    try:  # a link among them, or a folder of another's, fails here: nothing is deleted through it
+        for path in out.parent.glob(glob.escape(mine + WRITING) + "*"):
+            shutil.rmtree(path)  # killed while writing: half-written, or never moved in
+        earlier = out.parent.glob(glob.escape(mine + PREVIOUS) + "*")
+        for path in sorted(earlier, key=os.path.getctime, reverse=True):  # the newest first
+            if not os.path.lexists(out):
+                path.rename(out)  # killed between the renames: the earlier results come back
+            elif (out / "summary.json").is_file():
+                shutil.rmtree(path)  # killed after new results had replaced these
+    except OSError as e:
+        raise DataError(f"cannot put right what a killed run left beside {out} ({e})") from e
+
+
 def check_out_folder(out: Path, overwrite: bool, keep=()) -> None:
     """DataError unless predict may write folder `out`: new or empty, or with `overwrite` one
     holding an earlier predict's results and nothing else; never a file, a folder holding one
     of `keep` (the input, the model) or the current folder; somewhere writable."""
-    where = out.resolve()
+    check_path(out, "--out")
+    _finish_killed_run(out)
+    where = Path(os.path.realpath(out))  # not resolve(): a link loop raises RuntimeError there
     named = [(Path.cwd(), "the current folder")] + [(Path(k), str(k)) for k in keep if k]
     for path, name in named:
-        if where == path.resolve() or where in path.resolve().parents:
+        if Path(os.path.realpath(path)).is_relative_to(where):
             raise DataError(f"--out {out} holds {name}: give the results a folder of their own")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise DataError(f"--out {out} is a file or a link, not a folder: choose another --out")
@@ -151,16 +172,12 @@ def check_out_folder(out: Path, overwrite: bool, keep=()) -> None:
                 f"{out} already exists with results in it: choose another --out, or pass "
                 "--overwrite (overwrite=True) to replace it"
             )
-    parent = next(p for p in where.parents if p.exists())  # where out (and its staging) go
-    if not os.access(parent, os.W_OK):
-        raise DataError(f"cannot write in {parent}: choose an --out where you can create files")
 
 
 def _swap_in(staging: Path, out: Path) -> None:
     """Rename `staging` to `out`; earlier results at `out` go only once the new ones are there,
     and come back if the rename fails."""
-    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-    old = trash / "old"
+    old = out.with_name(f".{out.name}.unet-seg-{PREVIOUS}{staging.name.rsplit(WRITING)[-1]}")
     try:
         if out.exists():
             out.rename(old)
@@ -168,10 +185,9 @@ def _swap_in(staging: Path, out: Path) -> None:
     except BaseException:  # Ctrl-C between the renames too
         if old.exists() and not out.exists():
             old.rename(out)  # the earlier results back where they were
-        if not old.exists():
-            trash.rmdir()  # else the earlier results stay in it, named in the traceback
         raise
-    shutil.rmtree(trash)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 @contextmanager
@@ -181,7 +197,7 @@ def staged_folder(out: Path, overwrite: bool = False, keep=()):
     staging = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.unet-seg-{WRITING}", dir=out.parent))
         os.chmod(staging, usual_mode(0o777))  # mkdtemp makes 0700
         yield staging
         _swap_in(staging, out)

@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seg_files import error_gist
+from seg_files import check_path, error_gist
 
 CHECKPOINT_FORMAT = "seg_utils.unet.v2"  # v1 held one network without its post-processing
+DIVERGED = "the training diverged: train again with a lower learning rate (TrainConfig.lr)"
+A_MODEL = "pass best.pt or last.pt of training, or a model file of notebook 04 or cross_validate.py"
 
 
 class CheckpointError(ValueError):
@@ -71,8 +73,23 @@ def write_atomically(path: str | Path, write) -> None:
             os.remove(tmp)
 
 
+def _finite(state: dict) -> bool:
+    """False if a network's weights (or the trained ones kept for a resume) hold NaN or infinity."""
+    try:
+        weights = [n["state"] for n in state["networks"]] + [state.get("live_state", {})]
+        tensors = [
+            t for w in weights for t in w.values() if torch.is_tensor(t) and t.is_floating_point()
+        ]
+    except (KeyError, TypeError, AttributeError):
+        return True  # not laid out as this code writes it: load_segmenter says so
+    return all(t.isfinite().all() for t in tensors)
+
+
 def write_checkpoint(path: str | Path, state: dict) -> None:
-    """Write a model file or checkpoint atomically (write_atomically), plain types only."""
+    """Write a model file or checkpoint atomically (write_atomically), plain types, finite."""
+    if not _finite(state):  # train() stops here: last.pt keeps the epoch before
+        when = f" at epoch {state['epoch']}" if "epoch" in state else ""
+        raise CheckpointError(f"{path} not written: NaN or infinite weights{when}; {DIVERGED}")
     state = _plain(dict(state, format=CHECKPOINT_FORMAT))
     write_atomically(path, lambda f: torch.save(state, f))
 
@@ -84,18 +101,15 @@ def write_json(path: Path, value) -> None:
 
 def read_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint dict (weights_only) or raise CheckpointError saying why and what to do."""
-    path = Path(path)
+    path = check_path(path, "the model file", "run notebook 03 (training) first", CheckpointError)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: run notebook 03 (training) first")
+        raise CheckpointError(f"{path} is not a file: pass a model file, e.g. best.pt")
     if path.stat().st_size < 4:
         raise CheckpointError(f"{path} is empty or cut short: copy it again (or train again)")
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive; a truncated one too
             onnx = " (an ONNX model?)" if path.suffix.lower() == ".onnx" else ""
-            raise CheckpointError(
-                f"{path} is not a PyTorch checkpoint{onnx}: pass best.pt or last.pt from notebook "
-                "03 or train_lgg.py, or a model file of notebook 04 or cross_validate.py"
-            )
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint{onnx}: {A_MODEL}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle garbage, objects weights_only refuses
@@ -112,9 +126,10 @@ def read_checkpoint(path: str | Path) -> dict:
         )
     if found != CHECKPOINT_FORMAT:
         raise CheckpointError(
-            f"{path} was not written by seg_utils ({CHECKPOINT_FORMAT}): pass best.pt or last.pt "
-            "from notebook 03 or train_lgg.py, or a model file of notebook 04 or cross_validate.py"
+            f"{path} was not written by seg_utils ({CHECKPOINT_FORMAT}): {A_MODEL}"
         )
+    if not _finite(state):
+        raise CheckpointError(f"{path} holds NaN or infinite weights: {DIVERGED}")
     return state
 
 
@@ -201,7 +216,7 @@ def start_run(run_dir: Path, resume: bool, net, optimizer, scheduler, config, da
     return []
 
 
-def _weights(model) -> dict:
+def contiguous_state(model) -> dict:
     """The model's state dict with contiguous (NCHW) tensors: the same file from any layout."""
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
@@ -213,10 +228,10 @@ def save_run(run_dir, net, optimizer, scheduler, config, history, precision, dat
     (config, Preprocess, patients), the default PostProcess and the training slice count."""
     validated = net if average is None else average
     state = dict(
-        networks=[dict(data["network"], state=_weights(validated))],
+        networks=[dict(data["network"], state=contiguous_state(validated))],
         postprocess=data["postprocess"],
         chosen_on="defaults",
-        live_state=_weights(net),
+        live_state=contiguous_state(net),
         optimizer_state=optimizer.state_dict(),
         scheduler_state=scheduler.state_dict(),
         epoch=len(history),

@@ -5,26 +5,29 @@ the NIfTI geometry both ways, so that a mask goes back onto the file's own voxel
     scan = read_scan("flair.nii.gz", t1="t1.nii.gz", t1c="t1c.nii.gz")
     scan.image        # (D, 256, 256, 3) uint8 in CHANNELS order; channels not given are zero
 
-seg_predict.predict reads its INPUT with read_scan; notebook 06 shows the conversion. nibabel is
-imported only where NIfTI is read or written.
+seg_predict.predict reads its INPUT with read_scan; notebook 06 shows the conversion.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+import nibabel as nib
 import numpy as np
 
-from seg_files import CHANNELS, FLAIR, SLICE_NAME, DataError
+from seg_files import CHANNELS, FLAIR, SLICE_NAME, DataError, check_path, read_image
 
 SLICE_SIZE = 256  # this data set's slices are 256 x 256: NIfTI slices are resampled to it
 AXIAL = ("S", "P", "L")  # (D, H, W) axes of this set's slices, as nibabel axis codes: slices
 # inferior -> superior, rows anterior -> posterior, columns patient right -> left (radiological)
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
+MAX_VOXELS = 2**31  # of a NIfTI scan resampled to square slices: 2 GiB a copy, a few copies
+WHOLE_SCAN = "give a patient folder, a folder of a scan's slices or a .nii/.nii.gz FLAIR volume"
 
 
 @dataclass
@@ -54,18 +57,14 @@ class Scan:
 
 def read_scan(path, t1=None, t1c=None) -> Scan:
     """Read INPUT: a patient folder, a folder of slices or a NIfTI FLAIR volume (+ --t1/--t1c)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(
-            f"{path} does not exist: give a patient folder, a folder of one patient's "
-            "slices, or a .nii/.nii.gz FLAIR volume"
-        )
+    path = check_path(path, "INPUT", WHOLE_SCAN)
     if path.name.lower().endswith((".nii", ".nii.gz")):
         return read_nifti(path, t1, t1c)
     if t1 or t1c:
         raise DataError(f"--t1/--t1c go with a NIfTI FLAIR volume as INPUT, not with {path}")
     if path.is_dir():
         return read_slice_folder(path)
+    _refuse_dicom([path])
     if path.suffix.lower() in IMAGE_SUFFIXES + (".jpg", ".jpeg"):
         raise DataError(
             f"{path} is a single 2D image, but each scan is normalised with its own "
@@ -73,6 +72,17 @@ def read_scan(path, t1=None, t1c=None) -> Scan:
             "its slices (or the NIfTI volume)"
         )
     raise DataError(f"{path}: not a folder of slices nor a .nii/.nii.gz volume")
+
+
+def _refuse_dicom(files: list[Path]) -> None:
+    """DataError if one of the files is DICOM (named .dcm, or "DICM" after 128 bytes)."""
+    for path in files:  # a folder, or an unreadable file, is said where it is read
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            if path.suffix.lower() == ".dcm" or f.read(132)[128:] == b"DICM":
+                raise DataError(
+                    f"{path} is DICOM, which unet-seg does not read: convert the series to NIfTI, "
+                    "e.g. dcm2niix -z y -o OUT_FOLDER DICOM_FOLDER, and give its .nii.gz"
+                )
 
 
 def _slice_number(path: Path) -> int:
@@ -88,6 +98,7 @@ def _ordered_slices(folder: Path) -> list[Path]:
     files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
     images = [p for p in files if not p.stem.lower().endswith("_mask")]
     if len(images) < 2:
+        _refuse_dicom(sorted(folder.iterdir()))
         raise DataError(
             f"{folder} holds {len(images)} slice image(s) (PNG/TIFF): per-scan "
             "normalisation needs all slices of the scan, give the whole series"
@@ -103,11 +114,7 @@ def _ordered_slices(folder: Path) -> list[Path]:
 def _read_image(path: Path) -> np.ndarray:
     """One slice as (H, W, C), C = 1 (FLAIR) or 3 (CHANNELS order), an opaque alpha dropped, or
     DataError."""
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None or image.size == 0:
-        raise DataError(
-            f"{path}: cannot be read as an image (empty, corrupt or not PNG/TIFF): replace it"
-        )
+    image = read_image(path)
     if image.ndim == 2:
         return image[..., None]
     if image.shape[2] in (2, 4):  # grey or colour + alpha: OpenCV reads a grey + alpha PNG as 4
@@ -130,11 +137,9 @@ def _without_alpha(image: np.ndarray, path: Path) -> np.ndarray:
     opaque = np.iinfo(image.dtype).max if image.dtype.kind in "ui" else 1.0  # float TIFF: 1
     if (image[..., -1] != opaque).any():  # see-through pixels: what lies behind them?
         raise DataError(
-            f"{path}: {image.shape[2]} channels, the last not an opaque alpha (it has "
-            "transparent pixels, or holds a scan); the model reads 3 channels ("
-            + ", ".join(CHANNELS)
-            + " stored as RGB) or 1 (FLAIR): save the slices "
-            "without transparency or convert them"
+            f"{path}: {image.shape[2]} channels, the last not an opaque alpha (it has transparent "
+            f"pixels, or holds a scan); the model reads 3 channels ({', '.join(CHANNELS)} stored "
+            "as RGB) or 1 (FLAIR): save the slices without transparency or convert them"
         )
     return image[..., :-1]
 
@@ -172,8 +177,8 @@ def to_uint8(volume: np.ndarray, source: Path) -> np.ndarray:
             "complex data?): save the scan as one grey volume"
         )
     else:
-        with np.errstate(over="ignore", invalid="ignore"):
-            v = volume.astype(np.float32)  # (..., ) any shape; float64 beyond float32 -> inf
+        # float64 stays float64: a scan beyond float32's range (1e39) keeps its signal
+        v = volume.astype(np.result_type(volume.dtype, np.float32))
         finite = np.isfinite(v)
         lo, hi = grey_range(v[finite])
         v[~finite] = lo  # NaN and infinity: background
@@ -215,18 +220,9 @@ def read_slice_folder(folder: Path) -> Scan:
     return Scan(folder, kind, full, present, [p.stem for p in paths], truth)
 
 
-def _nibabel():
-    """nibabel, imported on first use; ImportError saying how to install it."""
-    try:
-        import nibabel
-    except ImportError as e:
-        raise ImportError("NIfTI input needs nibabel: pip install -r requirements.txt") from e
-    return nibabel
-
-
 def _load_nifti(path: Path):
     """(nibabel image, 3D voxel array) of a NIfTI file, or DataError naming the file."""
-    nib = _nibabel()
+    path = check_path(path, "a NIfTI volume", "give the NIfTI volume")
     if not path.is_file() or path.stat().st_size == 0:
         raise DataError(f"{path}: missing or empty file: give the NIfTI volume")
     with open(path, "rb") as f:
@@ -242,6 +238,12 @@ def _load_nifti(path: Path):
         data = np.asanyarray(image.dataobj)  # stored dtype, or float where the file scales
     except Exception as e:  # nibabel raises many kinds: ImageFileError, EOFError, zlib.error...
         raise DataError(f"{path}: cannot be read as NIfTI ({type(e).__name__}): replace it") from e
+    axes = image.affine[:3, :3]  # voxel axes in mm: none of length 0, no two parallel, no NaN
+    if not abs(np.linalg.det(axes)) > 1e-6 * np.linalg.norm(axes, axis=0).prod():
+        raise DataError(
+            f"{path}: its affine has a zero-length or singular axis ({axes.round(4).tolist()}): "
+            "its geometry is broken; convert the scan again"
+        )
     shape = data.shape
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]  # one volume stored as 4D or 5D: (x, y, z, 1) or (x, y, z, 1, 1)
@@ -260,7 +262,7 @@ def _load_nifti(path: Path):
 
 def nifti_geometry(image, shape: tuple) -> NiftiGeometry:
     """The reorientation to AXIAL and the square padding for a NIfTI image of 3D `shape`."""
-    orient = _nibabel().orientations
+    orient = nib.orientations
     ornt, axial = orient.io_orientation(image.affine), orient.axcodes2ornt(AXIAL)
     to_axial = orient.ornt_transform(ornt, axial)
     voxel = tuple(float(v) for v in np.sqrt((image.affine[:3, :3] ** 2).sum(0)))
@@ -281,7 +283,7 @@ def _padding(geometry: NiftiGeometry) -> list:
 
 def to_axial_slices(volume: np.ndarray, geometry: NiftiGeometry) -> np.ndarray:
     """File-layout uint8 volume -> (D, 256, 256) slices oriented like this set's."""
-    axial = _nibabel().orientations.apply_orientation(volume, geometry.to_axial)  # (D, h, w)
+    axial = nib.orientations.apply_orientation(volume, geometry.to_axial)  # (D, h, w)
     axial = np.pad(axial, [(0, 0), *_padding(geometry)])  # (D, H', W') square in mm
     if axial.shape[1:] == (SLICE_SIZE, SLICE_SIZE):
         return np.ascontiguousarray(axial)
@@ -291,19 +293,11 @@ def to_axial_slices(volume: np.ndarray, geometry: NiftiGeometry) -> np.ndarray:
 
 def from_axial_slices(mask: np.ndarray, geometry: NiftiGeometry) -> np.ndarray:
     """Undo to_axial_slices for a (D, 256, 256) 0/1 mask: uint8 0/1 in the file's voxel grid."""
-    height, width = geometry.padded
-    big = (
-        np.stack(
-            [
-                cv2.resize(m.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-                for m in mask
-            ]
-        )
-        >= 0.5
-    )
+    size = geometry.padded[::-1]  # (W, H), as cv2 wants it; thresholded slice by slice
+    big = np.stack([cv2.resize(m.astype(np.float32), size) >= 0.5 for m in mask])
     (top, _), (left, _) = _padding(geometry)
     plane = big[:, top : top + geometry.plane[0], left : left + geometry.plane[1]]
-    return _nibabel().orientations.apply_orientation(plane, geometry.from_axial).astype(np.uint8)
+    return nib.orientations.apply_orientation(plane, geometry.from_axial).astype(np.uint8)
 
 
 def read_nifti(flair: Path, t1=None, t1c=None) -> Scan:
@@ -312,14 +306,19 @@ def read_nifti(flair: Path, t1=None, t1c=None) -> Scan:
     loaded = {c: _load_nifti(p) for c, p in paths.items()}  # {channel: (image, data)}
     reference, ref_data = loaded[FLAIR]
     for c, (image, data) in loaded.items():
-        if data.shape != ref_data.shape or not np.allclose(
-            image.affine, reference.affine, atol=1e-3
-        ):
+        grid = np.allclose(image.affine, reference.affine, atol=1e-3)  # the same voxels in mm
+        if data.shape != ref_data.shape or not grid:
             raise DataError(
                 f"{paths[c]}: shape {data.shape} / affine differ from the FLAIR volume "
                 f"{flair} {ref_data.shape}: resample it onto the FLAIR's grid first"
             )
     geometry = nifti_geometry(reference, ref_data.shape)
+    voxels = ref_data.size // int(np.prod(geometry.plane)) * geometry.padded[0] * geometry.padded[1]
+    if voxels > MAX_VOXELS:  # before any of them is allocated
+        raise DataError(
+            f"{flair}: voxels of {geometry.voxel_mm} mm need {voxels * 2 / 2**30:.0f} GiB to "
+            "resample: resample the scan to about 1 mm first (nibabel.processing.resample_to_output)"
+        )
     slices = {
         c: to_axial_slices(to_uint8(data, paths[c]), geometry) for c, (_, data) in loaded.items()
     }
@@ -335,11 +334,12 @@ def nifti_mask(mask: np.ndarray, geometry: NiftiGeometry):
     source = geometry.image
     header = source.header.copy()
     header.set_data_dtype(np.uint8)
-    image = type(source)(from_axial_slices(mask, geometry), source.affine, header)
+    voxels = from_axial_slices(mask, geometry).reshape(source.shape)  # (x, y, z, 1) stays so
+    image = type(source)(voxels, source.affine, header)
     image.header.set_slope_inter(1, 0)  # voxel values are the mask, unscaled
     return image
 
 
 def axis_codes(geometry: NiftiGeometry) -> str:
     """Where the file's axes point, e.g. 'LPS'."""
-    return "".join(_nibabel().aff2axcodes(geometry.image.affine))
+    return "".join(nib.aff2axcodes(geometry.image.affine))

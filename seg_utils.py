@@ -58,7 +58,6 @@ from seg_files import (
     error_gist,
     find_kaggle_dir,
     is_number,
-    load_split_file,
     patient_folders,
     read_tiff,
     slice_files,
@@ -66,6 +65,7 @@ from seg_files import (
 from seg_hardware import autocast, cpu_supports_bf16, pick_device, pick_precision, to_layout
 from seg_runs import (
     CheckpointError,
+    contiguous_state,
     on_disk_after_interrupt,
     read_checkpoint,
     save_run,
@@ -180,8 +180,7 @@ def load_volumes(records: list[SliceRecord], progress: bool = True) -> list[Volu
                     f"{r.image_path}: size {image.shape} differs from {recs[0].image_path} "
                     f"{pairs[0][0].shape} of the same patient"
                 )
-        images = np.stack([p[0] for p in pairs])
-        masks = np.stack([p[1] for p in pairs])
+        images, masks = (np.stack(a) for a in zip(*pairs))  # (D, H, W, 3), (D, H, W)
         volumes.append(Volume(patient, [r.slice_index for r in recs], images, masks))
     return volumes
 
@@ -212,9 +211,8 @@ class Preprocess:
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(self.channels))  # a list from JSON too
-        if len(set(self.channels)) != len(self.channels) or not self.channels:
-            raise ValueError(f"channels: distinct indices into {CHANNELS}, not {self.channels}")
-        if not set(self.channels) <= set(range(len(CHANNELS))):
+        valid = set(self.channels) <= set(range(len(CHANNELS)))
+        if not valid or len(set(self.channels)) != len(self.channels) or not self.channels:
             raise ValueError(f"channels: distinct indices into {CHANNELS}, not {self.channels}")
 
 
@@ -505,10 +503,9 @@ class TrainConfig:
             raise ValueError(f"train_crop is a share of the side in (0, 1], not {self.train_crop}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay is in [0, 1) (0: no average), not {self.ema_decay}")
-        if not 0 <= self.sampling_uniform <= 1:
-            raise ValueError(f"sampling_uniform is a share in [0, 1], not {self.sampling_uniform}")
-        if not 0 <= self.input_dropout <= 1:
-            raise ValueError(f"input_dropout is a chance in [0, 1], not {self.input_dropout}")
+        for name in ("sampling_uniform", "input_dropout"):  # NaN is in no range
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} is a share in [0, 1], not {getattr(self, name)}")
 
 
 def epoch_loader(dataset: SliceDataset, config: TrainConfig, weights, epoch: int):
@@ -621,10 +618,8 @@ def predict_prepared(model, volume: PreparedVolume, mirror=False, precision="aut
 def validate(model, volumes: list[PreparedVolume], precision="auto") -> float:
     """Mean per-patient Dice at the training size, threshold 0.5 (the model-selection score),
     in the training's precision, so that a run chooses the same epoch on any CPU."""
-    dice = [
-        dice_score(predict_prepared(model, v, precision=precision) >= 0.5, v.mask) for v in volumes
-    ]
-    return float(np.mean(dice))
+    probs = [predict_prepared(model, v, precision=precision) for v in volumes]  # (D, S, S) each
+    return float(np.mean([dice_score(p >= 0.5, v.mask) for p, v in zip(probs, volumes)]))
 
 
 def train(
@@ -641,12 +636,8 @@ def train(
     config.ema_decay the moving average of the weights is what is validated and saved;
     on_epoch_end(history) is called after each saved epoch, and a True answer stops training."""
     config, run_dir, pre = config or TrainConfig(), Path(run_dir), train_set.pre
-    if not val_volumes:
-        raise ValueError("train() needs at least one validation volume to choose the best epoch")
-    if any(v.pre != pre for v in val_volumes):
-        raise ValueError(
-            "train(): prepare the validation volumes with the training set's Preprocess"
-        )
+    if not val_volumes or any(v.pre != pre for v in val_volumes):  # they choose the best epoch
+        raise ValueError("train() needs validation volumes prepared with the training Preprocess")
     device = next(model.parameters()).device
     precision = pick_precision(device, config.precision)
     to_layout(model, precision)
@@ -657,20 +648,21 @@ def train(
     if steps == 0:
         raise ValueError(f"{len(train_set)} training slices < batch size {config.batch_size}")
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=steps)
-    patients = dict(
-        train=[v.patient for v in train_set.volumes], val=[v.patient for v in val_volumes]
-    )
+    patients = {"train": [v.patient for v in train_set.volumes]}
+    patients["val"] = [v.patient for v in val_volumes]
     network = dict(config=net.config, preprocess=asdict(pre), patients=patients)
     data = dict(network=network, train_slices=len(train_set), postprocess=asdict(PostProcess()))
     average = copy.deepcopy(net) if config.ema_decay else None  # validated and saved, if any
     history = start_run(run_dir, resume, net, optimizer, scheduler, config, data, average)
-    weights = tumour_weights(train_set, config.sampling_uniform) if config.tumour_sampling else None
+    sampling = (
+        tumour_weights(train_set, config.sampling_uniform) if config.tumour_sampling else None
+    )
     bar = dict(initial=len(history), total=config.epochs, disable=not progress)
     epochs = tqdm(range(len(history), config.epochs), f"training ({precision})", **bar)
     try:
         for epoch in epochs:
             start = time.perf_counter()
-            loader = epoch_loader(train_set, config, weights, epoch)
+            loader = epoch_loader(train_set, config, sampling, epoch)
             args = (optimizer, scheduler, precision, config, epoch, average, progress)
             loss = train_one_epoch(model, loader, *args)
             chosen = net if average is None else average  # what is validated and saved
@@ -712,10 +704,7 @@ class PostProcess:
         checks = [
             (type(self.tta) is bool, "tta is True or False"),
             (is_number(self.threshold) and 0 <= self.threshold <= 1, "threshold is in [0, 1]"),
-            (
-                is_number(self.min_size, Integral) and self.min_size >= 0,
-                "min_size is a voxel count",
-            ),
+            (is_number(self.min_size, Integral) and self.min_size >= 0, "min_size is a count"),
             (self.keep in ("all", "largest", "mass"), 'keep is "all", "largest" or "mass"'),
             (self.keep == "all" or self.min_size == 0, 'min_size applies with keep="all" only'),
             (is_number(self.drop_ends) and 0 <= self.drop_ends < 0.5, "drop_ends is in [0, 0.5)"),
@@ -803,11 +792,8 @@ class Segmenter:
 
     def probabilities_with_and_without_tta(self, image: np.ndarray) -> dict:
         """{False: probabilities without TTA, True: with}, from one preparation of the scan."""
-        views = self._views(image, True)
-        return {
-            False: np.mean([p for p, _ in views], 0),
-            True: np.mean([p + m for p, m in views], 0) / 2,
-        }
+        plain, mirror = (np.mean(v, axis=0) for v in zip(*self._views(image, True)))
+        return {False: plain, True: (plain + mirror) / 2}
 
     def mask(self, image: np.ndarray, progress=False) -> np.ndarray:
         """(D, H, W) bool tumour mask of a (D, H, W, 3) uint8 scan: probabilities, then post."""
@@ -822,11 +808,11 @@ class Segmenter:
             if key not in prepared:
                 prepared[key] = prepare(image, replace(pre, channels=(0, 1, 2)))
             volume = replace(prepared[key], pre=pre)  # its own channels
-            plain = uncrop(predict_prepared(net, volume), volume.box, volume.shape)
-            mirror = predict_prepared(net, volume, mirror=True) if mirrored else None
-            views.append(
-                (plain, None if mirror is None else uncrop(mirror, volume.box, volume.shape))
-            )
+            flips = (False, True) if mirrored else (False,)
+            back = [
+                uncrop(predict_prepared(net, volume, m), volume.box, volume.shape) for m in flips
+            ]
+            views.append((back[0], back[1] if mirrored else None))
         return views
 
     def predict_volumes(self, volumes: list[Volume], tta=None, progress=True) -> dict:
@@ -835,21 +821,13 @@ class Segmenter:
         return {v.patient: self.probabilities(v.image, tta) for v in bar}
 
     def save(self, path) -> None:
-        """Write the networks, their Preprocess and PostProcess as one file (atomically)."""
-        write_checkpoint(path, self.record())
-
-    def record(self) -> dict:
-        """What save() writes: the networks' configurations, weights, Preprocess and patients."""
-        networks = [
-            dict(config=net.config, state=_contiguous(net), preprocess=asdict(pre), patients=who)
-            for net, pre, who in zip(self.nets, self.pres, self.patients)
-        ]
-        return dict(networks=networks, postprocess=asdict(self.post), chosen_on=self.chosen_on)
-
-
-def _contiguous(net: nn.Module) -> dict:
-    """A state dict in NCHW: the same file from any memory layout."""
-    return {k: v.contiguous() for k, v in net.state_dict().items()}
+        """Write the networks (configuration, weights, Preprocess, patients) and the PostProcess
+        as one file, atomically."""
+        networks, post = [], asdict(self.post)
+        for net, pre, who in zip(self.nets, self.pres, self.patients):
+            saved = dict(config=net.config, state=contiguous_state(net), preprocess=asdict(pre))
+            networks.append(saved | dict(patients=who))
+        write_checkpoint(path, dict(networks=networks, postprocess=post, chosen_on=self.chosen_on))
 
 
 def load_segmenter(*paths, device: torch.device | None = None) -> Segmenter:
@@ -888,9 +866,8 @@ def check_split(segmenter: Segmenter, splits: dict) -> None:
     patient chose its epoch (validation): a different split, or other data."""
     now = {name: {r.patient for r in splits.get(name, [])} for name in ("val", "test")}
     for used in segmenter.patients:
-        leaked = ((now["val"] | now["test"]) & set(used["train"])) | (
-            now["test"] & set(used["val"])
-        )
+        trained, chose = set(used["train"]), set(used["val"])
+        leaked = (now["val"] | now["test"]) & trained | now["test"] & chose
         if leaked:
             raise DataError(
                 f"{len(leaked)} evaluation patients ({', '.join(sorted(leaked)[:3])}, ...) trained "

@@ -27,34 +27,25 @@ def mask_viewer(volumes: list[su.Volume], segmenter: su.Segmenter | None = None,
     by_name = {v.patient: v for v in volumes}
     cache, masks = dict(probs or {}), {}  # probabilities per patient, masks per threshold
     has_pred = probs is not None or segmenter is not None
+    channels = [(n, i) for i, n in enumerate(su.CHANNELS)] + [("all three", -1)]
+    steps = dict(min=min(0.05, post.threshold), max=max(0.95, post.threshold), step=0.05)  # a
+    # model file's threshold may lie anywhere in [0, 1]
     c = {
         "patient": W.Dropdown(options=list(by_name), description="patient"),
         "slice": W.IntSlider(0, 0, 1, description="slice", readout=False),  # the label names it
         "jump": W.Button(description="next tumour slice", icon="forward"),
-        "channel": W.Dropdown(
-            options=[(n, i) for i, n in enumerate(su.CHANNELS)] + [("all three", -1)],
-            value=su.FLAIR,
-            description="channel",
-        ),
+        "channel": W.Dropdown(options=channels, value=su.FLAIR, description="channel"),
         "truth": W.Checkbox(True, description="truth (blue)", indent=False),
-        "pred": W.Checkbox(
-            has_pred, description="prediction (orange)", disabled=not has_pred, indent=False
-        ),
+        "pred": W.Checkbox(has_pred, description="prediction (orange)", indent=False),
         "opacity": W.FloatSlider(0.35, min=0.0, max=1.0, step=0.05, description="opacity"),
-        "threshold": W.FloatSlider(
-            post.threshold,
-            min=min(0.05, post.threshold),  # a model file's threshold may be anywhere in [0, 1]
-            max=max(0.95, post.threshold),
-            step=0.05,
-            description="threshold",
-        ),
+        "threshold": W.FloatSlider(post.threshold, description="threshold", **steps),
         "label": W.Label(),
         "image": W.Image(format="png", width=384, height=384),
     }
     for name, widget in c.items():
         widget.add_class(f"viewer-{name}")
 
-    c["threshold"].disabled = not has_pred
+    c["pred"].disabled = c["threshold"].disabled = not has_pred
 
     def probabilities(vol: su.Volume):
         if vol.patient not in cache and segmenter is not None:

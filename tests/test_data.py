@@ -227,41 +227,6 @@ def test_split_reproduces_split_json(lgg_dir):
     fractions = tuple(spec["fractions"][k] for k in ("train", "val", "test"))
     assert patients_of(su.split_by_patient(records, fractions, seed=spec["seed"])) == expected
     assert patients_of(su.split_by_patient(records, seed=0)) == expected
-    assert patients_of(su.load_split_file(lgg_dir / "split.json", records)) == expected
-
-
-def write_split_file(path: Path, splits: dict) -> Path:
-    path.write_text(json.dumps({"seed": 0, "splits": splits}))
-    return path
-
-
-def test_split_file_known_answer(tmp_path):
-    splits = {"train": ["A", "B"], "val": ["C"], "test": ["D"]}
-    path = write_split_file(tmp_path / "split.json", splits)
-    assert patients_of(su.load_split_file(path, fake_records("ABCDE"))) == splits
-
-
-def test_split_file_with_a_patient_in_two_splits(tmp_path):
-    path = write_split_file(
-        tmp_path / "split.json", {"train": ["A", "B"], "val": ["C"], "test": ["B", "D"]}
-    )
-    with pytest.raises(DataError, match=re.escape(str(path)) + r".*\['B'\].*train and test"):
-        su.load_split_file(path, fake_records("ABCD"))
-
-
-def test_split_file_naming_patients_without_data(tmp_path):
-    path = write_split_file(tmp_path / "split.json", {"train": ["A"], "val": ["B"], "test": ["X"]})
-    with pytest.raises(DataError, match=re.escape(str(path)) + r".*no data: \['X'\]"):
-        su.load_split_file(path, fake_records("AB"))
-
-
-@pytest.mark.parametrize("text", ["{not json", '{"seed": 0}', "[]", "", None])
-def test_split_file_unreadable(tmp_path, text):
-    path = tmp_path / "split.json"
-    if text is not None:  # None: no file at all
-        path.write_text(text)
-    with pytest.raises(DataError, match=re.escape(str(path)) + ".*splits"):
-        su.load_split_file(path, fake_records("ABCD"))
 
 
 # ----------------------------------------------------------------------------- reading

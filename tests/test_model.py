@@ -454,10 +454,12 @@ def test_leftover_temporary_files_are_removed_on_resume(straight, data, tmp_path
 
 def test_train_refuses_validation_it_cannot_use(data, tmp_path):
     train_set, val = data
-    with pytest.raises(ValueError, match="at least one validation volume"):
+    with pytest.raises(ValueError, match="needs validation volumes"):
         train((train_set, []), tmp_path)
     other = [replace(v, pre=su.Preprocess(size=32, crop_brain=False)) for v in val]
-    with pytest.raises(ValueError, match="validation volumes with the training set's Preprocess"):
+    with pytest.raises(
+        ValueError, match="validation volumes prepared with the training Preprocess"
+    ):
         train((train_set, other), tmp_path)
     assert not list(tmp_path.iterdir())
 

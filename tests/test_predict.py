@@ -377,9 +377,9 @@ def test_inputs_that_are_no_whole_scan_are_refused(patient, tmp_path):
         read_scan(tmp_path / "one")
     with pytest.raises(DataError, match=r"nothing does not exist: give a patient folder"):
         read_scan(tmp_path / "nothing")
-    (tmp_path / "scan.dcm").write_bytes(b"DICM")
-    with pytest.raises(DataError, match=r"scan.dcm: not a folder of slices nor a .nii"):
-        read_scan(tmp_path / "scan.dcm")
+    (tmp_path / "scan.mha").write_bytes(b"ObjectType = Image")  # DICOM: test_bad_input.py
+    with pytest.raises(DataError, match=r"scan.mha: not a folder of slices nor a .nii"):
+        read_scan(tmp_path / "scan.mha")
     with pytest.raises(DataError, match=r"--t1/--t1c go with a NIfTI FLAIR volume"):
         read_scan(folder, t1=tmp_path / "t1.nii.gz")
 
@@ -612,7 +612,7 @@ def test_an_interrupted_swap_keeps_the_earlier_results(
     rename = type(out).rename
 
     def interrupted(self, target):
-        if self.name.startswith(".out.") and not self.name.startswith(".out.old."):
+        if self.name.startswith(".out.unet-seg-writing-"):
             raise KeyboardInterrupt  # the staging folder's move into place
         return rename(self, target)
 
