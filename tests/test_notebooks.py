@@ -28,10 +28,11 @@ def test_notebook_has_no_outputs(path):
     assert not dirty, f"{path.name}: cells {dirty} carry outputs; clear them before committing"
 
 
-# What a notebook may read from the environment: CI's fast mode, the data, the run folder that
-# notebook 03 writes and 04-06 read, and (notebook 04) another model file to evaluate. Every
-# other parameter is a literal in the notebook's parameters cell.
-ENVIRONMENT = {"SEG_QUICK", "LGG_DATA", "SEG_RUN_DIR", "SEG_MODEL"}
+# What a notebook may read from the environment: CI's fast mode, the small real-data mode of the
+# exercises, the data, the run folder that notebook 03 writes and 04-06 read, and (notebook 04)
+# another model file to evaluate. Every other parameter is a literal in the notebook's
+# parameters cell.
+ENVIRONMENT = {"SEG_QUICK", "SEG_MINI", "LGG_DATA", "SEG_RUN_DIR", "SEG_MODEL"}
 READS = re.compile(
     r"""(?:environ\.get|environ\.setdefault|getenv)\(\s*["']([^"']+)["']|environ\[["']([^"']+)"""
 )
@@ -115,35 +116,33 @@ def test_notebook_has_the_lesson_frame(path):
 
 
 def test_notebook_03_trains_the_library_defaults(monkeypatch):
-    """Notebook 03's parameters cell spells the defaults out as literals (a flat, readable block):
-    outside quick mode they must be the library's, or the lesson trains another recipe."""
+    """Notebook 03's parameters cell holds what the lesson varies, each a literal with its value
+    for the small modes: outside them they must be the library's defaults, or the lesson trains
+    another recipe. Every other setting comes from the library (su.TrainConfig(epochs, seed))."""
     import seg_utils as su
 
     monkeypatch.delenv("SEG_QUICK", raising=False)
+    monkeypatch.delenv("SEG_MINI", raising=False)
     path = next(p for p in NOTEBOOKS if p.name.startswith("03_"))
     params: dict = {}
     exec(_code(path)[0], params)  # the parameters cell only reads the environment
-    assert params["QUICK"] is False
+    assert params["QUICK"] is False and params["MINI"] is False
     unet = inspect.signature(su.UNet).parameters
-    config, pre = su.TrainConfig(), su.Preprocess()
+    config = su.TrainConfig()
     library = {
-        "IMAGE_SIZE": pre.size,
+        "IMAGE_SIZE": su.Preprocess().size,
         "WIDTH": unet["base_width"].default,
         "DEPTH": unet["depth"].default,
         "EPOCHS": config.epochs,
-        "BATCH_SIZE": config.batch_size,
-        "TRAIN_CROP": config.train_crop,
-        "EMA_DECAY": config.ema_decay,
-        "LR": config.lr,
         "SEED": config.seed,
-        "PRECISION": config.precision,
+        "TRAIN_EVERY": 1,  # every training patient
     }
-    notebook = {name: params[name] for name in library if name in params}
-    assert {"IMAGE_SIZE", "WIDTH", "DEPTH", "EPOCHS", "BATCH_SIZE"} <= set(notebook)
-    assert notebook == {name: library[name] for name in notebook}, (
+    assert set(library) <= set(params), f"{path.name}: {sorted(set(library) - set(params))}"
+    assert {name: params[name] for name in library} == library, (
         f"{path.name}'s parameters cell: update its defaults to the library's"
     )
-    assert su.parse_channels(params["CHANNELS"]) == pre.channels
+    code = "".join(_code(path))
+    assert "su.TrainConfig(epochs=EPOCHS, seed=SEED)" in code, "03 trains the library's config"
 
 
 def test_notebook_04_scores_a_cross_validation_ensemble_with_the_choice_it_holds(
