@@ -107,7 +107,7 @@ def main(argv=None) -> int:
             say(f"wrote {export_onnx(args.model, args.onnx, args.overwrite)}")
         else:
             say(f"{args.model} needs: {needed_inputs(su.load_segmenter(args.model).channels)}")
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, ImportError, OSError) as e:  # one line, never a traceback
         say(f"error: {e}", sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -32,7 +32,7 @@ def pick_precision(device: torch.device, requested: str = "auto") -> str:
     if requested != "auto":
         return requested
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 

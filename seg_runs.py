@@ -77,12 +77,10 @@ def _finite(state: dict) -> bool:
     """False if a network's weights (or the trained ones kept for a resume) hold NaN or infinity."""
     try:
         weights = [n["state"] for n in state["networks"]] + [state.get("live_state", {})]
-        tensors = [
-            t for w in weights for t in w.values() if torch.is_tensor(t) and t.is_floating_point()
-        ]
+        tensors = [t for w in weights for t in w.values() if torch.is_tensor(t)]
     except (KeyError, TypeError, AttributeError):
         return True  # not laid out as this code writes it: load_segmenter says so
-    return all(t.isfinite().all() for t in tensors)
+    return all(t.isfinite().all() for t in tensors if t.is_floating_point())
 
 
 def write_checkpoint(path: str | Path, state: dict) -> None:
@@ -180,6 +178,8 @@ def _check_same_run(path: Path, state: dict, net, config, data: dict) -> None:
             changes.append(
                 f"{name} patients {sorted(then - now)[:3]} (now {sorted(now - then)[:3]})"
             )
+    if state["precision"] != data["precision"]:  # "auto" resolves per machine
+        changes.append(f"in {state['precision']}, not {data['precision']} (TrainConfig.precision)")
     if state["train_slices"] != data["train_slices"]:
         changes.append(f"{state['train_slices']} training slices, not {data['train_slices']}")
     if changes:
@@ -221,7 +221,7 @@ def contiguous_state(model) -> dict:
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
-def save_run(run_dir, net, optimizer, scheduler, config, history, precision, data, average):
+def save_run(run_dir, net, optimizer, scheduler, config, history, data, average):
     """Write last.pt, best.pt when validation Dice improved, and history.json (all atomic). The
     network's state is the validated weights (the moving average, where there is one);
     live_state the trained weights, for a resume. `data` is train()'s record of the network
@@ -237,7 +237,7 @@ def save_run(run_dir, net, optimizer, scheduler, config, history, precision, dat
         epoch=len(history),
         history=history,
         train_config=asdict(config),
-        precision=precision,
+        precision=data["precision"],
         torch_rng=torch.get_rng_state(),
         train_slices=data["train_slices"],
     )

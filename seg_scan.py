@@ -26,7 +26,7 @@ SLICE_SIZE = 256  # this data set's slices are 256 x 256: NIfTI slices are resam
 AXIAL = ("S", "P", "L")  # (D, H, W) axes of this set's slices, as nibabel axis codes: slices
 # inferior -> superior, rows anterior -> posterior, columns patient right -> left (radiological)
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
-MAX_VOXELS = 2**31  # of a NIfTI scan resampled to square slices: 2 GiB a copy, a few copies
+MAX_VOXELS = 2**31  # of a NIfTI scan resampled to square slices: 2 GiB a uint8 copy
 WHOLE_SCAN = "give a patient folder, a folder of a scan's slices or a .nii/.nii.gz FLAIR volume"
 
 
@@ -112,8 +112,7 @@ def _ordered_slices(folder: Path) -> list[Path]:
 
 
 def _read_image(path: Path) -> np.ndarray:
-    """One slice as (H, W, C), C = 1 (FLAIR) or 3 (CHANNELS order), an opaque alpha dropped, or
-    DataError."""
+    """One slice as (H, W, C): C = 1 (FLAIR) or 3 (CHANNELS order), an opaque alpha dropped."""
     image = read_image(path)
     if image.ndim == 2:
         return image[..., None]
@@ -316,7 +315,7 @@ def read_nifti(flair: Path, t1=None, t1c=None) -> Scan:
     voxels = ref_data.size // int(np.prod(geometry.plane)) * geometry.padded[0] * geometry.padded[1]
     if voxels > MAX_VOXELS:  # before any of them is allocated
         raise DataError(
-            f"{flair}: voxels of {geometry.voxel_mm} mm need {voxels * 2 / 2**30:.0f} GiB to "
+            f"{flair}: voxels of {geometry.voxel_mm} mm need {voxels / 2**30:.0f} GiB a copy to "
             "resample: resample the scan to about 1 mm first (nibabel.processing.resample_to_output)"
         )
     slices = {

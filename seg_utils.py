@@ -320,8 +320,7 @@ def train_transform(seed: int | None = None):
 
 
 def network_input(image: np.ndarray, volume: PreparedVolume) -> np.ndarray:
-    """(..., S, S, 3) uint8 slices of `volume` -> (..., C, S, S) float32: normalised, the
-    channels its Preprocess names."""
+    """(..., S, S, 3) uint8 slices of `volume` -> (..., C, S, S) float32, normalised, its channels."""
     x = normalise(image, volume.norm)[..., list(volume.pre.channels)]  # (..., S, S, C)
     return np.ascontiguousarray(np.moveaxis(x, -1, -3))  # (..., C, S, S)
 
@@ -652,6 +651,7 @@ def train(
     patients["val"] = [v.patient for v in val_volumes]
     network = dict(config=net.config, preprocess=asdict(pre), patients=patients)
     data = dict(network=network, train_slices=len(train_set), postprocess=asdict(PostProcess()))
+    data["precision"] = precision  # a resume must compute in it too: bf16 and fp32 differ
     average = copy.deepcopy(net) if config.ema_decay else None  # validated and saved, if any
     history = start_run(run_dir, resume, net, optimizer, scheduler, config, data, average)
     sampling = (
@@ -673,7 +673,7 @@ def train(
             row |= dict(lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - start)
             history.append(row)
             epochs.set_postfix(loss=f"{loss:.3f}", val_dice=f"{row['val_dice']:.3f}")
-            save_run(run_dir, net, optimizer, scheduler, config, history, precision, data, average)
+            save_run(run_dir, net, optimizer, scheduler, config, history, data, average)
             if on_epoch_end is not None and on_epoch_end(history):
                 break  # the caller's rule said stop (e.g. a Dice reached): last.pt resumes the rest
             best = max(range(len(history)), key=lambda i: history[i]["val_dice"])
@@ -839,6 +839,8 @@ def load_segmenter(*paths, device: torch.device | None = None) -> Segmenter:
     for path in paths:
         state = read_checkpoint(path)
         try:
+            if not state["networks"]:
+                raise ValueError("it holds no network")
             for saved in state["networks"]:
                 nets.append(UNet(**saved["config"]))
                 nets[-1].load_state_dict(saved["state"])

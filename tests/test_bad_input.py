@@ -149,9 +149,9 @@ def test_training_never_saves_non_finite_weights(tmp_path):
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=10)
     network = dict(config=net.config, preprocess=asdict(su.Preprocess(size=64)))
     data = dict(network=network | dict(patients=dict(train=["A"], val=["B"])), train_slices=8)
-    data["postprocess"] = asdict(su.PostProcess())
+    data |= dict(postprocess=asdict(su.PostProcess()), precision="fp32")
     history = [dict(epoch=1, val_dice=0.5)]
-    args = (optimizer, scheduler, su.TrainConfig(), history, "fp32", data, None)
+    args = (optimizer, scheduler, su.TrainConfig(), history, data, None)
     seg_runs.save_run(tmp_path, net, *args)
     with torch.no_grad():
         next(net.parameters()).view(-1)[0] = np.inf
@@ -246,7 +246,7 @@ def test_voxels_too_fine_to_resample_are_refused_before_allocating(tmp_path):
     tracemalloc.start()
     try:
         with pytest.raises(
-            su.DataError, match=r"fine.nii.gz: voxels of .* GiB to resample.*about 1 mm"
+            su.DataError, match=r"fine.nii.gz: voxels of .* GiB a copy to resample.*about 1 mm"
         ):
             read_scan(scan)
         assert tracemalloc.get_traced_memory()[1] < 2**27

@@ -617,3 +617,17 @@ def test_drop_inputs_copies_flair_into_the_dropped_inputs_only():
     dropped = (some[:, [0, 2]] == some[:, [1, 1]]).all(-1).all(-1).float().mean().item()
     assert dropped == pytest.approx(0.3, abs=0.05)
     assert torch.equal(some[:, 1], x.repeat(500, 1, 1, 1)[:, 1])  # FLAIR itself never changes
+
+
+def test_resume_on_a_machine_that_computes_in_another_precision_is_refused(
+    data, tmp_path, monkeypatch
+):
+    """precision="auto" is bf16 on a CPU with native bf16 and fp32 elsewhere: a run moved between
+    the two would not end as an uninterrupted run, so the resume says so."""
+    auto = replace(CONFIG, epochs=2, precision="auto")
+    train(data, tmp_path, auto, on_epoch_end=stop_after_one_epoch)
+    saved = su.read_checkpoint(tmp_path / "last.pt")["precision"]
+    other = "fp32" if saved == "bf16" else "bf16"
+    monkeypatch.setattr(su, "pick_precision", lambda device, requested="auto": other)
+    with pytest.raises(CheckpointError, match=f"in {saved}, not {other}"):
+        train(data, tmp_path, auto, resume=True)
