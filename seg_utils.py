@@ -28,7 +28,7 @@ import itertools
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from numbers import Integral
 from pathlib import Path
 
@@ -1039,9 +1039,8 @@ def choose_postprocess(sweep) -> tuple[PostProcess, float]:
     """The best row of a sweep_postprocessing table and its Dice; ties keep the first row (no
     TTA, lower thresholds, fewer rules first)."""
     best = sweep.loc[sweep.dice.idxmax()]
-    post = PostProcess(
-        bool(best.tta), float(best.threshold), int(best.min_size), best.keep, float(best.drop_ends)
-    )
+    kinds = {f.name: type(getattr(PostProcess(), f.name)) for f in fields(PostProcess)}
+    post = PostProcess(**{name: kind(best[name]) for name, kind in kinds.items()})  # e.g. bool
     return post, float(best.dice)
 
 
