@@ -1,10 +1,13 @@
 """The command line: segment new scans, export the model, say what a model needs.
 
-    unet-seg predict runs/unet/best.pt PATIENT_FOLDER --out results/
-    unet-seg predict runs/unet/best.pt flair.nii.gz --t1 t1.nii.gz --t1c t1c.nii.gz --out results/
-    unet-seg export runs/unet/best.pt model.onnx
-    unet-seg inputs runs/unet/best.pt          # which scans a model needs
+    unet-seg predict flair.nii.gz --t1 t1.nii.gz --t1c t1c.nii.gz --out results/
+    unet-seg predict PATIENT_FOLDER --checkpoint runs/unet/best.pt --out results/
+    unet-seg export model.onnx --checkpoint runs/unet/best.pt
+    unet-seg inputs                            # which scans a model needs
     unet-seg data                              # where the data set is (or make the synthetic one)
+
+Without --checkpoint each command uses the released model, models/lgg_unet.pt (its card:
+models/MODEL_CARD.md).
 
 `unet-seg` is installed with the project (pyproject.toml); `python -m seg_cli ...` is the same.
 Errors the user can fix print one line and exit with status 2; Ctrl-C one line, status 130.
@@ -22,13 +25,14 @@ try:  # Ctrl-C while torch loads, most of a short run, ends in one line as any C
     import seg_utils as su
     from seg_export import export_onnx
     from seg_files import DataError
-    from seg_predict import needed_inputs, predict
+    from seg_predict import RELEASED_MODEL, needed_inputs, predict
     from seg_runs import CheckpointError
 except KeyboardInterrupt:
     print("interrupted: nothing was written", file=sys.stderr)
     sys.exit(130)
 
-MODEL_HELP = "best.pt of training, or a model file of notebook 04 / cross_validate.py"
+MODEL_HELP = "best.pt of training, or a model file of notebook 04 / cross_validate.py (default: "
+MODEL_HELP += f"the released model, {RELEASED_MODEL.parent.name}/{RELEASED_MODEL.name})"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,8 +40,8 @@ def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="unet-seg", description=__doc__.splitlines()[0])
     sub = main.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="segment a new scan")
-    p.add_argument("model", type=Path, help=MODEL_HELP)
     p.add_argument("input", type=Path, help="patient folder, folder of slices, or NIfTI FLAIR")
+    p.add_argument("--checkpoint", type=Path, help=MODEL_HELP)
     p.add_argument("--out", type=Path, required=True, help="folder for the results (new or empty)")
     p.add_argument("--t1", type=Path, help="NIfTI pre-contrast volume on the FLAIR's grid")
     p.add_argument("--t1c", type=Path, help="NIfTI post-contrast volume on the FLAIR's grid")
@@ -52,11 +56,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     e = sub.add_parser("export", help="write the model as ONNX (dynamic batch)")
-    e.add_argument("model", type=Path, help=MODEL_HELP)
     e.add_argument("onnx", help="output file, e.g. model.onnx")  # a str: "model/" keeps its /
+    e.add_argument("--checkpoint", type=Path, help=MODEL_HELP)
     e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     i = sub.add_parser("inputs", help="say which scans a model needs")
-    i.add_argument("model", type=Path, help=MODEL_HELP)
+    i.add_argument("--checkpoint", type=Path, help=MODEL_HELP)
     sub.add_parser("data", help="find (or generate) the data set and print where it is")
     return main
 
@@ -82,7 +86,7 @@ def run_predict(args: argparse.Namespace) -> None:
     names = ("threshold", "min_size", "keep", "drop_ends", "tta")
     changes = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     flags = (changes, args.fill_missing, args.overwrite, not args.quiet)
-    summary = predict(args.model, args.input, args.out, args.t1, args.t1c, *flags)
+    summary = predict(args.checkpoint, args.input, args.out, args.t1, args.t1c, *flags)
     for warning in summary["warnings"]:
         say(f"warning: {warning}", sys.stderr)
     size = summary.get("tumour_volume_ml")
@@ -104,9 +108,11 @@ def main(argv=None) -> int:
         elif args.command == "predict":
             run_predict(args)
         elif args.command == "export":
-            say(f"wrote {export_onnx(args.model, args.onnx, args.overwrite)}")
+            model = args.checkpoint or RELEASED_MODEL
+            say(f"wrote {export_onnx(model, args.onnx, args.overwrite)}")
         else:
-            say(f"{args.model} needs: {needed_inputs(su.load_segmenter(args.model).channels)}")
+            model = args.checkpoint or RELEASED_MODEL
+            say(f"{model} needs: {needed_inputs(su.load_segmenter(model).channels)}")
     except (DataError, CheckpointError, ImportError, OSError) as e:  # one line, never a traceback
         say(f"error: {e}", sys.stderr)
         return 2

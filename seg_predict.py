@@ -1,17 +1,20 @@
 """Segment a new scan with a trained model and write the results where the user asked.
 
-    summary = predict("runs/unet/best.pt", "flair.nii.gz", "results/", t1="t1.nii.gz")
+    summary = predict(None, "flair.nii.gz", "results/", t1="t1.nii.gz")  # the released model
+    summary = predict("runs/unet/best.pt", "flair.nii.gz", "results/")
 
 The command `unet-seg predict` (seg_cli.py) and notebook 06 call `predict`. INPUT is read by
 seg_scan.read_scan (a patient folder of this data set, a folder of one patient's slices, or a
-NIfTI FLAIR volume); the model file is a checkpoint of training or a model file of notebook 04 or
-cross_validate.py, whose PostProcess says how probabilities become the mask. Results (the mask in
-the input's own geometry, overlay.png, summary.json) land in a new folder, all at once.
+NIfTI FLAIR volume); the model file is RELEASED_MODEL (models/MODEL_CARD.md), a checkpoint of
+training or a model file of notebook 04 or cross_validate.py, whose PostProcess says how
+probabilities become the mask. Results (the mask in the input's own geometry, overlay.png,
+summary.json with seg_checks' findings) land in a new folder, all at once.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -24,11 +27,13 @@ import cv2
 import numpy as np
 
 import seg_utils as su
+from seg_checks import scan_findings, scan_measures
 from seg_draw import render_slice
 from seg_files import CHANNELS, FLAIR, DataError, check_path
 from seg_runs import usual_mode
 from seg_scan import Scan, axis_codes, from_axial_slices, nifti_mask, read_scan
 
+RELEASED_MODEL = Path(__file__).with_name("models") / "lgg_unet.pt"  # models/MODEL_CARD.md
 INPUT_FLAGS = ("--t1", "INPUT", "--t1c")  # where each of CHANNELS comes from for NIfTI input
 SYSTEM_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}  # a file browser's, not the user's
 WRITING, PREVIOUS = "writing-", "previous-"  # .<out>.unet-seg-<this>XXXXXXXX beside --out: the
@@ -41,7 +46,8 @@ def needed_inputs(channels: tuple) -> str:
 
 
 def model_image(scan: Scan, channels: tuple, model: Path, fill_missing=None):
-    """The scan's (D, H, W, 3) image with every channel the model reads, and those filled in."""
+    """The scan's (D, H, W, 3) image with every channel the model reads, and the names of those
+    filled in ("flair": copied from FLAIR, as the model was trained to take them)."""
     missing = [c for c in channels if c not in scan.present]
     if not missing:
         return scan.image, []
@@ -242,7 +248,9 @@ def predict(
     file `model`: write its mask(s), overlay.png and summary.json to out_dir (all at once) and
     return the summary. `changes` ({"threshold": 0.4, ...}) replace fields of the model's
     PostProcess."""
-    model, out_dir = Path(model), Path(os.path.abspath(out_dir))  # "new/.." as its parent
+    fix = "check the path" if model else "restore models/ (git checkout) or give a model file"
+    model = check_path(model or RELEASED_MODEL, "the model", fix)
+    out_dir = Path(os.path.abspath(out_dir))  # "new/.." as its parent
     keep = (model, source, t1, t1c)  # never inside out_dir, which gets replaced
     check_out_folder(out_dir, overwrite, keep)  # before any work: fail fast
     segmenter = su.load_segmenter(model)
@@ -251,15 +259,23 @@ def predict(
     except (TypeError, ValueError) as e:
         raise DataError(f"{e}: change the flags ({model} holds {segmenter.post})") from e
     scan = read_scan(source, t1, t1c)
+    fill_missing = fill_missing or ("flair" if segmenter.fills_missing else None)
     image, filled = model_image(scan, segmenter.channels, model, fill_missing)
     pred = segmenter.mask(image, progress).astype(np.uint8)
+    measures = scan_measures(image, pred)
+    axes = scan.nifti and list(scan.nifti.to_axial[:, 0])  # file axis -> axial axis (0: slices)
+    slice_mm = axes and scan.nifti.voxel_mm[axes.index(0)]
     summary = dict(input=str(source), t1=t1 and str(t1), t1c=t1c and str(t1c))
     summary |= dict(input_kind=scan.kind, model=str(model), networks=len(segmenter.nets))
+    summary["model_sha256"] = hashlib.sha256(model.read_bytes()).hexdigest()
     summary |= dict(model_inputs=needed_inputs(segmenter.channels), filled_from_flair=filled)
     summary |= dict(given_inputs=[CHANNELS[c] for c in scan.present])
     summary |= dict(postprocess=asdict(segmenter.post), chosen_on=segmenter.chosen_on)
     summary |= dict(changed=sorted(changes or {}), preprocess=[asdict(p) for p in segmenter.pres])
-    summary["warnings"] = [] if filled else channel_warnings(scan, segmenter.channels)
+    summary["trained_for_missing_inputs"] = segmenter.fills_missing
+    summary["measures"] = measures
+    summary["warnings"] = scan_findings(measures, filled, slice_mm)
+    summary["warnings"] += [] if filled else channel_warnings(scan, segmenter.channels)
     summary |= summarise_prediction(scan, pred)
     with staged_folder(out_dir, overwrite, keep) as folder:
         summary["outputs"] = write_results(folder, scan, image, pred)

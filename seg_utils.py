@@ -303,20 +303,29 @@ def prepare_volumes(volumes: list[Volume], pre: Preprocess) -> list[PreparedVolu
     return [prepare(v.image, pre, v.mask, v.patient) for v in volumes]
 
 
-def train_transform(seed: int | None = None):
+def train_transform(seed: int | None = None, other_sites: bool = False):
     """Augmentations that keep anatomy plausible: flip, small scale/rotate, brightness/contrast
-    (an albumentations Compose)."""
+    (an albumentations Compose); `other_sites` adds what differs between hospitals' scanners."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else it asks PyPI for a new version
     import albumentations as A
 
-    return A.Compose(
-        [
-            A.HorizontalFlip(p=0.5),  # left and right hemispheres are mirror images
-            A.Affine(scale=(0.95, 1.05), rotate=(-15, 15), translate_percent=(-0.04, 0.04), p=0.7),
-            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
-        ],
-        seed=seed,
-    )
+    scale = (0.8, 1.25) if other_sites else (0.95, 1.05)  # other fields of view
+    steps = [
+        A.HorizontalFlip(p=0.5),  # left and right hemispheres are mirror images
+        A.Affine(scale=scale, rotate=(-15, 15), translate_percent=(-0.04, 0.04), p=0.7),
+        A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+    ]
+    if other_sites:
+        steps += [
+            A.RandomGamma(gamma_limit=(70, 150), p=0.5),  # another contrast curve
+            A.RandomToneCurve(scale=0.2, per_channel=True, p=0.5),  # each input's own histogram
+            A.Illumination(mode="gaussian", intensity_range=(0.05, 0.2), p=0.3),  # bias field
+            A.GaussNoise(std_range=(0.01, 0.05), p=0.3),
+            A.OneOf(
+                [A.GaussianBlur(sigma_limit=(0.5, 1.5)), A.Downscale(scale_range=(0.5, 0.9))], p=0.3
+            ),  # thicker slices, lower resolution
+        ]
+    return A.Compose(steps, seed=seed)
 
 
 def network_input(image: np.ndarray, volume: PreparedVolume) -> np.ndarray:
@@ -650,6 +659,7 @@ def train(
     patients = {"train": [v.patient for v in train_set.volumes]}
     patients["val"] = [v.patient for v in val_volumes]
     network = dict(config=net.config, preprocess=asdict(pre), patients=patients)
+    network["input_dropout"] = config.input_dropout  # > 0: it learnt scans with inputs missing
     data = dict(network=network, train_slices=len(train_set), postprocess=asdict(PostProcess()))
     data["precision"] = precision  # a resume must compute in it too: bf16 and fp32 differ
     average = copy.deepcopy(net) if config.ema_decay else None  # validated and saved, if any
@@ -771,9 +781,16 @@ class Segmenter:
     post: PostProcess = field(default_factory=PostProcess)
     chosen_on: str = "defaults"  # where post was chosen: "defaults", "validation", "out of fold"
     patients: list = field(default_factory=list)  # per net {"train": ids, "val": ids}
+    input_dropout: list = field(default_factory=list)  # per net TrainConfig.input_dropout
 
     def __post_init__(self):
         self.patients = self.patients or [dict(train=[], val=[]) for _ in self.nets]
+        self.input_dropout = self.input_dropout or [0.0] * len(self.nets)
+
+    @property
+    def fills_missing(self) -> bool:
+        """True when every network trained on scans whose missing inputs were filled by FLAIR."""
+        return bool(self.nets) and all(d > 0 for d in self.input_dropout)
 
     @property
     def channels(self) -> tuple:
@@ -824,9 +841,9 @@ class Segmenter:
         """Write the networks (configuration, weights, Preprocess, patients) and the PostProcess
         as one file, atomically."""
         networks, post = [], asdict(self.post)
-        for net, pre, who in zip(self.nets, self.pres, self.patients):
+        for net, pre, who, drop in zip(self.nets, self.pres, self.patients, self.input_dropout):
             saved = dict(config=net.config, state=contiguous_state(net), preprocess=asdict(pre))
-            networks.append(saved | dict(patients=who))
+            networks.append(saved | dict(patients=who, input_dropout=drop))
         write_checkpoint(path, dict(networks=networks, postprocess=post, chosen_on=self.chosen_on))
 
 
@@ -835,7 +852,7 @@ def load_segmenter(*paths, device: torch.device | None = None) -> Segmenter:
     `device`; several paths: one ensemble of all their networks, with the default PostProcess
     (choose the ensemble's own with sweep_postprocessing)."""
     device = device or pick_device()
-    nets, pres, who, posts = [], [], [], []
+    nets, pres, who, drops, posts = [], [], [], [], []
     for path in paths:
         state = read_checkpoint(path)
         try:
@@ -846,6 +863,7 @@ def load_segmenter(*paths, device: torch.device | None = None) -> Segmenter:
                 nets[-1].load_state_dict(saved["state"])
                 pres.append(Preprocess(**saved["preprocess"]))
                 who.append(saved["patients"])
+                drops.append(saved.get("input_dropout", 0.0))  # absent: trained before it existed
             posts.append((PostProcess(**state["postprocess"]), state["chosen_on"]))
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(
@@ -854,7 +872,7 @@ def load_segmenter(*paths, device: torch.device | None = None) -> Segmenter:
     for net in nets:
         to_layout(net, pick_precision(device)).to(device).eval()
     post, chosen_on = posts[0] if len(posts) == 1 else (PostProcess(), "defaults")
-    return Segmenter(nets, pres, post, chosen_on, who)
+    return Segmenter(nets, pres, post, chosen_on, who, drops)
 
 
 def save_choice(path, post: PostProcess, chosen_on: str) -> None:

@@ -40,6 +40,7 @@ DEFAULTS = dict(  # this checkout's defaults: what `--recipe default` trains
     uniform=su.TrainConfig.sampling_uniform,
     ema=su.TrainConfig.ema_decay,
     input_dropout=su.TrainConfig.input_dropout,
+    other_sites=False,
 )
 RECIPES = {
     "default": {},
@@ -57,6 +58,7 @@ RECIPES = {
         uniform=0.1,
         ema=0.0,
         input_dropout=0.0,
+        other_sites=False,
     ),
 }
 
@@ -107,6 +109,12 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="chance that each input but FLAIR is replaced by FLAIR on a training slice",
     )
+    parser.add_argument(
+        "--other-sites",
+        action="store_const",
+        const=True,
+        help="add the augmentations for other hospitals' scans (train_transform(other_sites))",
+    )
 
 
 def recipe_from_args(args: argparse.Namespace) -> dict:
@@ -126,7 +134,9 @@ def train_run(
 ) -> list[dict]:
     """Prepare the data, build the U-Net and train it with `recipe`; returns the history."""
     pre = su.Preprocess(size=recipe["size"], channels=su.parse_channels(recipe["channels"]))
-    train_set = su.SliceDataset.from_records(train_records, pre, su.train_transform(), progress)
+    train_set = su.SliceDataset.from_records(
+        train_records, pre, su.train_transform(other_sites=recipe["other_sites"]), progress
+    )
     val_volumes = su.prepare_volumes(su.load_volumes(val_records, progress), pre)
     su.seed_everything(recipe["seed"])
     model = su.UNet(

@@ -25,6 +25,7 @@ LAYERS = [
     "seg_draw",
     "seg_utils",
     "seg_viewer",
+    "seg_checks",
     "seg_predict",
     "seg_export",
     "seg_cli",
