@@ -25,7 +25,7 @@ try:  # Ctrl-C while torch loads, most of a short run, ends in one line as any C
     import seg_utils as su
     from seg_export import export_onnx
     from seg_files import DataError
-    from seg_predict import RELEASED_MODEL, needed_inputs, predict
+    from seg_predict import RELEASED_MODEL, model_file, needed_inputs, predict
     from seg_runs import CheckpointError
 except KeyboardInterrupt:
     print("interrupted: nothing was written", file=sys.stderr)
@@ -108,11 +108,17 @@ def main(argv=None) -> int:
         elif args.command == "predict":
             run_predict(args)
         elif args.command == "export":
-            model = args.checkpoint or RELEASED_MODEL
+            model = model_file(args.checkpoint)
             say(f"wrote {export_onnx(model, args.onnx, args.overwrite)}")
         else:
-            model = args.checkpoint or RELEASED_MODEL
-            say(f"{model} needs: {needed_inputs(su.load_segmenter(model).channels)}")
+            model = model_file(args.checkpoint)
+            segmenter = su.load_segmenter(model)
+            takes = (
+                " (or FLAIR alone: it was trained to fill the rest)"
+                if segmenter.fills_missing
+                else ""
+            )
+            say(f"{model} needs: {needed_inputs(segmenter.channels)}{takes}")
     except (DataError, CheckpointError, ImportError, OSError) as e:  # one line, never a traceback
         say(f"error: {e}", sys.stderr)
         return 2

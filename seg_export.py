@@ -1,6 +1,6 @@
 """Export a trained U-Net to ONNX, to run it without PyTorch (onnxruntime, other languages).
 
-    export_onnx("runs/unet/best.pt", "model.onnx")     # or: unet-seg export best.pt model.onnx
+    export_onnx("runs/unet/best.pt", "model.onnx")  # or: unet-seg export model.onnx --checkpoint best.pt
 
 The ONNX model takes "image" (B, C, S, S), normalised as seg_utils.network_input does, and gives
 "logits" (B, 1, S, S); the Preprocess it needs is stored in its metadata. onnx and onnxruntime

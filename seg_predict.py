@@ -40,6 +40,14 @@ WRITING, PREVIOUS = "writing-", "previous-"  # .<out>.unet-seg-<this>XXXXXXXX be
 # new results being written, and the earlier ones they replace (a kill may leave them)
 
 
+def model_file(model=None) -> Path:
+    """The model file to use: `model`, or RELEASED_MODEL when None; DataError if unreadable."""
+    if model:
+        return check_path(model, "--checkpoint", "check the path given to --checkpoint")
+    fix = "restore it (git checkout models/) or pass --checkpoint MODEL"
+    return check_path(RELEASED_MODEL, "the released model", fix)
+
+
 def needed_inputs(channels: tuple) -> str:
     """The scans a model reads, e.g. 'FLAIR (INPUT)' or 'pre-contrast (--t1), FLAIR (INPUT), ...'."""
     return ", ".join(f"{CHANNELS[c]} ({INPUT_FLAGS[c]})" for c in channels)
@@ -248,8 +256,7 @@ def predict(
     file `model`: write its mask(s), overlay.png and summary.json to out_dir (all at once) and
     return the summary. `changes` ({"threshold": 0.4, ...}) replace fields of the model's
     PostProcess."""
-    fix = "check the path" if model else "restore models/ (git checkout) or give a model file"
-    model = check_path(model or RELEASED_MODEL, "the model", fix)
+    model = model_file(model)
     out_dir = Path(os.path.abspath(out_dir))  # "new/.." as its parent
     keep = (model, source, t1, t1c)  # never inside out_dir, which gets replaced
     check_out_folder(out_dir, overwrite, keep)  # before any work: fail fast

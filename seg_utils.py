@@ -786,6 +786,8 @@ class Segmenter:
     def __post_init__(self):
         self.patients = self.patients or [dict(train=[], val=[]) for _ in self.nets]
         self.input_dropout = self.input_dropout or [0.0] * len(self.nets)
+        if not len(self.nets) == len(self.pres) == len(self.patients) == len(self.input_dropout):
+            raise ValueError("Segmenter: one Preprocess, patients and input_dropout per network")
 
     @property
     def fills_missing(self) -> bool:

@@ -117,7 +117,7 @@ def test_a_full_disk_is_an_error_and_leaves_no_out_folder(
     scan = nifti(tmp_path / "flair.nii")
     for source, flags in [(folder, []), (scan, ["--fill-missing", "flair"])]:
         out = tmp_path / f"out-{source.name}"
-        argv = ["predict", tiny_model, source, "--out", out, "--quiet", *flags]
+        argv = ["predict", source, "--checkpoint", tiny_model, "--out", out, "--quiet", *flags]
         refused(capsys, argv, "No space left on device")
         assert not out.exists() and beside(out) == []
 
@@ -135,9 +135,9 @@ def test_a_model_with_non_finite_weights_is_refused(tiny_model, folder, tmp_path
     model = model_with(tiny_model, tmp_path / "last.pt", diverge)
     says = [str(model), "NaN or infinite weights", "lower learning rate"]
     out = tmp_path / "out"
-    refused(capsys, ["predict", model, folder, "--out", out], *says)
-    refused(capsys, ["export", model, tmp_path / "model.onnx"], *says)
-    refused(capsys, ["inputs", model], *says)
+    refused(capsys, ["predict", folder, "--checkpoint", model, "--out", out], *says)
+    refused(capsys, ["export", tmp_path / "model.onnx", "--checkpoint", model], *says)
+    refused(capsys, ["inputs", "--checkpoint", model], *says)
     assert not out.exists() and not (tmp_path / "model.onnx").exists()
 
 
@@ -182,17 +182,17 @@ def test_link_loops_are_named(tiny_model, folder, tmp_path, capsys):
     first.unlink()
     first.symlink_to(first)  # a slice that points at itself
     flair = nifti(tmp_path / "flair.nii.gz")
-    out = tmp_path / "out"
+    out, tiny = tmp_path / "out", ["--checkpoint", tiny_model]
     for argv, named in [
-        (["predict", tiny_model, loop, "--out", out], loop),
-        (["predict", tiny_model, scan, "--out", out], first),
-        (["predict", tiny_model, flair, "--t1", loop, "--t1c", flair, "--out", out], loop),
-        (["predict", loop, folder, "--out", out], loop),
-        (["predict", tiny_model, folder, "--out", loop], loop),
-        (["predict", tiny_model, folder, "--out", loop / "out"], loop / "out"),
-        (["export", tiny_model, loop], loop),
-        (["export", loop, tmp_path / "model.onnx"], loop),
-        (["inputs", loop], loop),
+        (["predict", loop, "--checkpoint", tiny_model, "--out", out], loop),
+        (["predict", scan, "--checkpoint", tiny_model, "--out", out], first),
+        (["predict", flair, "--t1", loop, "--t1c", flair, *tiny, "--out", out], loop),
+        (["predict", folder, "--checkpoint", loop, "--out", out], loop),
+        (["predict", folder, "--checkpoint", tiny_model, "--out", loop], loop),
+        (["predict", folder, "--checkpoint", tiny_model, "--out", loop / "out"], loop / "out"),
+        (["export", loop, "--checkpoint", tiny_model], loop),
+        (["export", tmp_path / "model.onnx", "--checkpoint", loop], loop),
+        (["inputs", "--checkpoint", loop], loop),
     ]:
         refused(capsys, argv, f"{named} (", "is a loop of symbolic links")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flair.nii.gz", "loop", "scan"]
@@ -201,10 +201,10 @@ def test_link_loops_are_named(tiny_model, folder, tmp_path, capsys):
 def test_names_too_long_are_named(tiny_model, folder, tmp_path, capsys):
     long, out = tmp_path / LONG, tmp_path / "out"
     for argv in [
-        ["predict", tiny_model, long, "--out", out],
-        ["predict", long, folder, "--out", out],
-        ["predict", tiny_model, folder, "--out", long],
-        ["export", tiny_model, f"{long}.onnx"],
+        ["predict", long, "--checkpoint", tiny_model, "--out", out],
+        ["predict", folder, "--checkpoint", long, "--out", out],
+        ["predict", folder, "--checkpoint", tiny_model, "--out", long],
+        ["export", f"{long}.onnx", "--checkpoint", tiny_model],
     ]:
         refused(capsys, argv, LONG, "has a name too long")
     assert list(tmp_path.iterdir()) == []
@@ -218,8 +218,8 @@ def test_a_model_whose_tensors_do_not_fit_its_network_is_refused(
 
     model = model_with(tiny_model, tmp_path / "wide.pt", widen)
     says = ["wide.pt does not fit", "train it again"]
-    refused(capsys, ["predict", model, folder, "--out", tmp_path / "out"], *says)
-    refused(capsys, ["export", model, tmp_path / "model.onnx"], *says)
+    refused(capsys, ["predict", folder, "--checkpoint", model, "--out", tmp_path / "out"], *says)
+    refused(capsys, ["export", tmp_path / "model.onnx", "--checkpoint", model], *says)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wide.pt"]
 
 
@@ -234,7 +234,8 @@ def test_a_nifti_with_a_broken_affine_is_refused(tiny_model, tmp_path, capsys):
         header.set_sform(affine, code=1)  # only the sform says where the voxels lie
         scan = nifti(tmp_path / f"{name}.nii.gz", affine=None, header=header)
         out = tmp_path / f"out-{name}"
-        argv = ["predict", tiny_model, scan, "--out", out, "--fill-missing", "flair"]
+        argv = ["predict", scan, "--checkpoint", tiny_model, "--out", out, "--fill-missing"]
+        argv.append("flair")
         refused(capsys, argv, scan.name, "zero-length or singular axis", "convert the scan again")
         assert not out.exists()
 
@@ -301,26 +302,30 @@ def test_permission_denied_is_named_for_every_path(tiny_model, folder, tmp_path)
     locked["read-only"].mkdir()
     flair, outs = nifti(tmp_path / "flair.nii.gz"), tmp_path / "outs"
     outs.mkdir()
+    given = ["--checkpoint", model]  # the readable model
     cases = {  # name: (the command, the path its message must name)
         "input": (
-            ["predict", model, locked["locked.nii.gz"], "--out", outs / "1"],
+            ["predict", locked["locked.nii.gz"], *given, "--out", outs / "1"],
             "locked.nii.gz",
         ),
         "--t1": (
-            ["predict", model, flair, "--t1", locked["locked.nii.gz"], "--out", outs / "2"],
+            ["predict", flair, "--t1", locked["locked.nii.gz"], *given, "--out", outs / "2"],
             "locked.nii.gz",
         ),
-        "slice": (["predict", model, scan, "--out", outs / "3"], f"scan/{folder.name}_1.tif"),
-        "folder": (["predict", model, locked["locked-scan"], "--out", outs / "4"], "locked-scan"),
-        "model": (["predict", locked["locked.pt"], scan, "--out", outs / "5"], "locked.pt"),
-        "inputs": (["inputs", locked["locked.pt"]], "locked.pt"),
+        "slice": (["predict", scan, *given, "--out", outs / "3"], f"scan/{folder.name}_1.tif"),
+        "folder": (["predict", locked["locked-scan"], *given, "--out", outs / "4"], "locked-scan"),
+        "model": (
+            ["predict", scan, "--checkpoint", locked["locked.pt"], "--out", outs / "5"],
+            "locked.pt",
+        ),
+        "inputs": (["inputs", "--checkpoint", locked["locked.pt"]], "locked.pt"),
         "--out": (
-            ["predict", model, flair, "--out", locked["locked-out"], "--overwrite"],
+            ["predict", flair, *given, "--out", locked["locked-out"], "--overwrite"],
             "locked-out",
         ),
-        "--out in": (["predict", model, scan, "--out", locked["read-only"] / "new"], "read-only"),
-        "export": (["export", model, locked["locked-out"] / "model.onnx"], "locked-out"),
-        "export in": (["export", model, locked["read-only"] / "model.onnx"], "read-only"),
+        "--out in": (["predict", scan, *given, "--out", locked["read-only"] / "new"], "read-only"),
+        "export": (["export", locked["locked-out"] / "model.onnx", *given], "locked-out"),
+        "export in": (["export", locked["read-only"] / "model.onnx", *given], "read-only"),
     }
     for path in locked.values():
         path.chmod(0o555 if path.name == "read-only" else 0)
@@ -355,7 +360,8 @@ def test_file_names_that_are_not_utf8_are_read_and_written(tiny_model, folder, t
     for n in range(1, 7):
         source = folder / f"{folder.name}_{n}.tif"
         shutil.copy(source, scan / os.fsdecode(b"slice\xff_%d.tif" % n))
-    command = [sys.executable, "-m", "seg_cli", "predict", tiny_model, scan, "--out", out]
+    command = [sys.executable, "-m", "seg_cli", "predict", scan, "--out", out]
+    command += ["--checkpoint", tiny_model]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     done = subprocess.run(command, capture_output=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
@@ -383,7 +389,9 @@ def test_ctrl_c_says_in_one_line_that_the_earlier_results_are_untouched(
         ctrl_c()
 
     monkeypatch.setattr(seg_predict, "write_results", interrupted)
-    status = run(["predict", tiny_model, folder, "--out", out, "--overwrite", "--quiet"])
+    status = run(
+        ["predict", folder, "--checkpoint", tiny_model, "--out", out, "--overwrite", "--quiet"]
+    )
     said = capsys.readouterr()
     assert status == 130 and said.out == "" and said.err.count("\n") == 1
     assert said.err == f"interrupted: {out} is as it was before (nothing half-written)\n"
@@ -391,7 +399,7 @@ def test_ctrl_c_says_in_one_line_that_the_earlier_results_are_untouched(
     assert beside(out) == []
     monkeypatch.setattr(torch.onnx, "export", ctrl_c)
     onnx = tmp_path / "model.onnx"
-    assert run(["export", tiny_model, onnx]) == 130
+    assert run(["export", onnx, "--checkpoint", tiny_model]) == 130
     assert (
         capsys.readouterr().err
         == f"interrupted: {onnx} is as it was before (nothing half-written)\n"
@@ -449,15 +457,16 @@ def test_a_killed_predict_is_put_right_by_the_next_one(tiny_model, folder, tmp_p
     """A kill during the final renames once left hidden folders named .out.XXXX (one holding the
     earlier results) that no later run restored or removed."""
     out = tmp_path / "out"
+    argv = ["predict", folder, "--checkpoint", tiny_model, "--out", out]
     earlier_results(out, "earlier")
     killed(out, "rename")  # between the renames: no out, the earlier results moved aside
     kinds = sorted(name.split(".unet-seg-")[-1].split("-")[0] for name in beside(out))
     assert not out.exists() and kinds == ["previous", "writing"]  # names that say what they are
-    refused(capsys, ["predict", tiny_model, folder, "--out", out], "already exists with results")
+    refused(capsys, argv, "already exists with results")
     assert json.loads((out / "summary.json").read_text())["run"] == "earlier" and beside(out) == []
     killed(out, "rmtree")  # after the renames: the new results in, the earlier ones beside
     assert json.loads((out / "summary.json").read_text())["run"] == "new" and len(beside(out)) == 1
-    refused(capsys, ["predict", tiny_model, folder, "--out", out], "already exists with results")
+    refused(capsys, argv, "already exists with results")
     assert json.loads((out / "summary.json").read_text())["run"] == "new" and beside(out) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -478,7 +487,10 @@ def test_dicom_is_named_with_how_to_convert_it(tiny_model, tmp_path, capsys):
         (tmp_path / "scan.dcm", "scan.dcm"),
     ]:
         refused(
-            capsys, ["predict", tiny_model, source, "--out", out], f"{named} is DICOM", "dcm2niix"
+            capsys,
+            ["predict", source, "--checkpoint", tiny_model, "--out", out],
+            f"{named} is DICOM",
+            "dcm2niix",
         )
     assert not out.exists()
 
@@ -487,7 +499,8 @@ def test_a_nifti_with_trailing_axes_of_one_gets_a_mask_of_its_shape(tiny_model, 
     for shape in [(32, 32, 8, 1), (32, 32, 8, 1, 1)]:
         scan = nifti(tmp_path / f"scan{len(shape)}.nii.gz", shape)
         out = tmp_path / f"out{len(shape)}"
-        argv = ["predict", tiny_model, scan, "--out", out, "--fill-missing", "flair", "--quiet"]
+        argv = ["predict", scan, "--checkpoint", tiny_model, "--out", out, "--quiet"]
+        argv += ["--fill-missing", "flair"]
         assert run(argv) == 0, capsys.readouterr()
         mask = nib.load(out / "mask.nii.gz")
         assert mask.shape == shape and np.allclose(mask.affine, nib.load(scan).affine)
@@ -496,7 +509,9 @@ def test_a_nifti_with_trailing_axes_of_one_gets_a_mask_of_its_shape(tiny_model, 
 def test_export_to_a_folder_name_asks_for_a_file_name(tiny_model, tmp_path, capsys):
     """`export model/` once wrote a file named model."""
     named = str(tmp_path / "model") + os.sep
-    refused(capsys, ["export", tiny_model, named], f"{named} is a folder: name the file")
+    refused(
+        capsys, ["export", named, "--checkpoint", tiny_model], f"{named} is a folder: name the file"
+    )
     assert list(tmp_path.iterdir()) == []
 
 

@@ -348,12 +348,14 @@ def test_ensemble_probabilities_are_the_mean_of_its_members():
     assert segmenter.channels == (0, 1, 2)
 
 
-def test_segmenter_file_round_trip_keeps_postprocess_chosen_on_and_patients(tmp_path):
+def test_segmenter_file_round_trip_keeps_postprocess_chosen_on_patients_and_input_dropout(
+    tmp_path,
+):
     post = su.PostProcess(tta=True, threshold=0.3, keep="largest", drop_ends=0.1)
     patients = [dict(train=["A", "B"], val=["C"])]
     pre = su.Preprocess(size=32, crop_brain=False, channels=(su.FLAIR,))
     net = su.UNet(in_channels=1, base_width=4, depth=2)
-    su.Segmenter([net], [pre], post, "validation", patients).save(tmp_path / "model.pt")
+    su.Segmenter([net], [pre], post, "validation", patients, [0.3]).save(tmp_path / "model.pt")
     loaded = su.load_segmenter(tmp_path / "model.pt", device=CPU)
     assert (loaded.post, loaded.chosen_on, loaded.pres, loaded.patients) == (
         post,
@@ -361,6 +363,7 @@ def test_segmenter_file_round_trip_keeps_postprocess_chosen_on_and_patients(tmp_
         [pre],
         patients,
     )
+    assert loaded.input_dropout == [0.3] and loaded.fills_missing
     (copy,) = loaded.nets
     assert not copy.training and copy.config == net.config
     for key, value in net.state_dict().items():
@@ -370,13 +373,14 @@ def test_segmenter_file_round_trip_keeps_postprocess_chosen_on_and_patients(tmp_
 def test_several_files_load_as_one_ensemble(tmp_path):
     paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
     first = su.PostProcess(threshold=0.4)
-    su.Segmenter([tiny_unet(0)], [WHOLE], first, "validation", [dict(train=["A"], val=["B"])]).save(
-        paths[0]
-    )
+    who = [dict(train=["A"], val=["B"])]
+    su.Segmenter([tiny_unet(0)], [WHOLE], first, "validation", who, [0.5]).save(paths[0])
     su.Segmenter([tiny_unet(1), tiny_unet(2)], [WHOLE, WHOLE]).save(paths[1])
     ensemble = su.load_segmenter(*paths, device=CPU)
     assert len(ensemble.nets) == len(ensemble.pres) == len(ensemble.patients) == 3
     assert ensemble.patients[0] == dict(train=["A"], val=["B"])
+    # filled inputs are what every network must have learnt, or a missing one is refused
+    assert ensemble.input_dropout == [0.5, 0.0, 0.0] and not ensemble.fills_missing
     image = random_scan()
     alone = [su.load_segmenter(p, device=CPU).probabilities(image) for p in paths]
     np.testing.assert_allclose(
@@ -416,7 +420,7 @@ def test_save_choice_writes_only_the_postprocess_into_a_checkpoint(tiny_model, t
 def test_check_split_refuses_a_leaky_split_naming_the_patient(source, target):
     """A patient who trained the model (train) or chose its epoch (val) may not be scored on
     validation (train only) or test."""
-    segmenter = su.Segmenter([], [], patients=[dict(train=["A", "B"], val=["C"])])
+    segmenter = su.Segmenter([tiny_unet(0)], [WHOLE], patients=[dict(train=["A", "B"], val=["C"])])
 
     def records(*patients):
         return [su.SliceRecord(p, 1, None, None) for p in patients]

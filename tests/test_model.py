@@ -234,6 +234,7 @@ def test_checkpoint_records_patients_preprocess_and_the_moving_average(tiny_mode
     assert network["patients"] == patients
     assert network["preprocess"] == asdict(su.Preprocess(size=64))
     assert network["config"] == dict(in_channels=3, out_channels=1, base_width=8, depth=3)
+    assert network["input_dropout"] == TINY.input_dropout  # > 0: predict fills missing inputs
     assert (best["postprocess"], best["chosen_on"]) == (asdict(su.PostProcess()), "defaults")
     assert best["train_config"] == asdict(TINY) and best["format"] == "seg_utils.unet.v2"
     full = su.read_checkpoint(tiny_model.parent / "last.pt")["history"]

@@ -8,6 +8,7 @@ refusing inputs is tested on seg_scan itself, without a model; the command line 
 (seg_cli.main) but for one test that runs the installed commands.
 """
 
+import hashlib
 import json
 import os
 import runpy
@@ -25,6 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
+import seg_checks
 import seg_cli
 import seg_predict
 import seg_utils as su
@@ -150,7 +152,12 @@ def test_patient_folder_gives_masks_dice_and_a_summary_of_the_model(
     assert summary["slices"] == len(vol.slices) and summary["input_kind"] == "patient"
     assert summary["postprocess"] == asdict(su.PostProcess()) and summary["chosen_on"] == "defaults"
     assert summary["model"] == str(tiny_model) and summary["networks"] == 1
-    assert summary["changed"] == [] and summary["warnings"] == []
+    assert summary["model_sha256"] == hashlib.sha256(tiny_model.read_bytes()).hexdigest()
+    assert summary["trained_for_missing_inputs"] is False and summary["changed"] == []
+    assert summary["measures"] == seg_checks.scan_measures(vol.image, pred)
+    # the synthetic FLAIR's grey levels are unlike the LGG scans': findings, no channel warning
+    assert summary["warnings"] == seg_checks.scan_findings(summary["measures"])
+    assert any("FLAIR's grey levels differ" in w for w in summary["warnings"])
     assert summary["input"] == str(folder) and summary["given_inputs"] == list(su.CHANNELS)
     written = json.loads((out / "summary.json").read_text())
     assert written == summary
@@ -170,7 +177,8 @@ def test_the_same_scan_as_slices_or_nifti_gets_the_patient_folders_mask(
     np.testing.assert_array_equal(
         read_masks(tmp_path / "o", [f"scan-{n}" for n in vol.slices]) > 0, expected
     )
-    assert slices["input_kind"] == "slices" and "dice" not in slices and slices["warnings"] == []
+    assert slices["input_kind"] == "slices" and "dice" not in slices
+    assert slices["warnings"] == patient_result[0]["warnings"]  # the same scan, the same findings
     for layout, (to_file, _, _) in LAYOUTS.items():  # 1 x 1 x 2.5 mm voxels
         paths = write_scan_nifti(vol, tmp_path / layout, layout)
         out = tmp_path / f"o-{layout}"
@@ -233,7 +241,7 @@ def test_missing_scans_are_refused_with_the_fix_and_fill_missing_copies_flair(
 ):
     """A FLAIR alone for a 3-channel model: refused, naming the flags that add the other scans;
     --fill-missing flair copies FLAIR into them, which is what a grey scan saved as RGB holds, so
-    both get one mask (the grey one with a warning)."""
+    both get one mask (the filled one with a finding that says so, the grey one with a warning)."""
     vol, _ = patient
     flair_slices = write_slices(vol, tmp_path / "flair", flair_only=True)
     with pytest.raises(
@@ -252,18 +260,21 @@ def test_missing_scans_are_refused_with_the_fix_and_fill_missing_copies_flair(
     filled = predict(
         tiny_model, flair_slices, tmp_path / "filled", fill_missing="flair", progress=False
     )
-    assert (
-        filled["filled_from_flair"] == ["pre-contrast", "post-contrast"]
-        and filled["warnings"] == []
-    )
+    assert filled["filled_from_flair"] == ["pre-contrast", "post-contrast"]
+    assert filled["trained_for_missing_inputs"] is False
+    said_filled = "pre-contrast, post-contrast filled in from FLAIR"
+    assert [said_filled in w for w in filled["warnings"]].count(True) == 1
+    assert not any("channels are identical" in w for w in filled["warnings"])
     names = [f"scan-{n}" for n in vol.slices]
     rgb = write_slices(grey(vol), tmp_path / "grey")
-    argv = ["predict", str(tiny_model), str(rgb), "--out", str(tmp_path / "o-grey"), "--quiet"]
-    assert seg_cli.main(argv) == 0
+    argv = ["predict", str(rgb), "--checkpoint", str(tiny_model), "--out", str(tmp_path / "o-grey")]
+    assert seg_cli.main(argv + ["--quiet"]) == 0
     said = capsys.readouterr()
     summary = json.loads((tmp_path / "o-grey" / "summary.json").read_text())
-    assert len(summary["warnings"]) == 1 and "channels are identical" in summary["warnings"][0]
-    assert said.err == f"warning: {summary['warnings'][0]}\n"
+    assert summary["measures"] == filled["measures"]  # the same image: FLAIR in all three
+    assert "channels are identical" in summary["warnings"][-1]  # after the scan's findings
+    assert not any(said_filled in w for w in summary["warnings"])
+    assert said.err == "".join(f"warning: {w}\n" for w in summary["warnings"])
     assert said.out.startswith(
         f"{summary['tumour_slice_count']} of {len(vol.slices)} slices with tumour, "
         f"{summary['tumour_pixels']} px; results in"
@@ -271,6 +282,57 @@ def test_missing_scans_are_refused_with_the_fix_and_fill_missing_copies_flair(
     np.testing.assert_array_equal(
         read_masks(tmp_path / "o-grey", names), read_masks(tmp_path / "filled", names)
     )
+
+
+def test_a_model_trained_with_inputs_dropped_fills_them_from_flair_itself(
+    patient, tmp_path, capsys
+):
+    """input_dropout > 0 in training (FLAIR copied into the other inputs): such a model is given
+    a FLAIR alone without --fill-missing, and `inputs` says so; one trained without it still
+    refuses."""
+    vol, _ = patient
+    nifti = write_scan_nifti(vol, tmp_path / "nii", "LPS", channels=[FLAIR])
+    su.seed_everything(0)
+    net, pre = su.UNet(in_channels=3, base_width=4, depth=2), su.Preprocess(size=64)
+    for drop in (0.5, 0.0):
+        su.Segmenter([net], [pre], input_dropout=[drop]).save(tmp_path / f"drop-{drop}.pt")
+    summary = predict(tmp_path / "drop-0.5.pt", nifti[FLAIR], tmp_path / "out", progress=False)
+    assert summary["filled_from_flair"] == ["pre-contrast", "post-contrast"]
+    assert summary["trained_for_missing_inputs"] is True
+    said = "pre-contrast, post-contrast filled in from FLAIR"
+    assert [said in w for w in summary["warnings"]].count(True) == 1
+    with pytest.raises(DataError, match=r"add --t1 .*--fill-missing flair"):
+        predict(tmp_path / "drop-0.0.pt", nifti[FLAIR], tmp_path / "refused", progress=False)
+    assert no_leftovers(tmp_path / "refused")
+    for drop in (0.5, 0.0):
+        assert seg_cli.main(["inputs", "--checkpoint", str(tmp_path / f"drop-{drop}.pt")]) == 0
+        assert ("or FLAIR alone" in capsys.readouterr().out) == (drop > 0)
+
+
+def test_a_skull_stripped_thin_slab_is_named_in_the_summary_and_on_stderr(
+    flair_model, patient, patient_result, tmp_path, capsys
+):
+    """The patient's first 12 FLAIR slices with every voxel outside the head exactly 0, as
+    skull-stripping leaves a scan, in ASR layout: its slices (2.5 mm) lie along the file's
+    second axis."""
+    vol, _ = patient
+    flair = vol.image[:12, ..., FLAIR]
+    stripped = np.where(flair > 0.1 * flair.max(), flair, 0)  # head_mask's rule
+    to_file, directions, spacing = LAYOUTS["ASR"]
+    scan = write_nifti(tmp_path / "flair.nii.gz", to_file(stripped), directions, spacing)
+    out = tmp_path / "out"
+    argv = ["predict", scan, "--checkpoint", flair_model, "--out", out, "--quiet"]
+    assert seg_cli.main([str(a) for a in argv]) == 0
+    said = capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["measures"]["slices"] == 12
+    assert summary["measures"]["background_zero"] >= seg_checks.STRIPPED
+    assert patient_result[0]["measures"]["background_zero"] < 0.01  # the set's scans: noise
+    low, high = seg_checks.TRAINING["slices"]
+    found = "\n".join(summary["warnings"])  # one finding a line
+    assert "looks skull-stripped: " in found and "exactly 0" in found
+    assert f"12 slices of 2.5 mm, the training scans had {low}-{high}" in found
+    assert said.err == "".join(f"warning: {w}\n" for w in summary["warnings"])
 
 
 def test_an_ensemble_file_predicts_and_export_refuses_it(
@@ -340,7 +402,7 @@ def test_nonsense_postprocess_changes_are_refused_before_any_work(
     ]:
         with pytest.raises(DataError, match=named):
             predict(model, folder, out, changes=changes, progress=False)
-    argv = ["predict", str(tiny_model), str(folder), "--out", str(out)]
+    argv = ["predict", str(folder), "--checkpoint", str(tiny_model), "--out", str(out)]
     for flags in (["--threshold", "1.5"], ["--min-size", "100", "--keep", "largest"]):
         assert seg_cli.main(argv + flags) == 2
         said = capsys.readouterr()
@@ -350,7 +412,7 @@ def test_nonsense_postprocess_changes_are_refused_before_any_work(
 
 def test_command_line_flags_become_the_postprocess_changes(tiny_model, patient, tmp_path, capsys):
     folder, out = patient[1], tmp_path / "out"
-    argv = ["predict", str(tiny_model), str(folder), "--out", str(out), "--quiet"]
+    argv = ["predict", str(folder), "--checkpoint", str(tiny_model), "--out", str(out), "--quiet"]
     flags = ["--keep", "largest", "--drop-ends", "0.2", "--threshold", "0.4", "--tta"]
     assert seg_cli.main(argv + flags) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -531,7 +593,7 @@ def test_a_file_that_is_no_model_file_is_named_as_such(tiny_model, tmp_path, cap
     torch.save(dict(format="seg_utils.unet.v1"), tmp_path / "old.pt")
     with pytest.raises(CheckpointError, match=r"old.pt has the retired format .*train it again"):
         su.load_segmenter(tmp_path / "old.pt")
-    assert seg_cli.main(["inputs", str(tmp_path / "notes.txt")]) == 2
+    assert seg_cli.main(["inputs", "--checkpoint", str(tmp_path / "notes.txt")]) == 2
     said = capsys.readouterr().err
     assert said.startswith("error: ") and "notes.txt is not a PyTorch checkpoint" in said
 
@@ -629,9 +691,10 @@ def test_an_interrupted_swap_keeps_the_earlier_results(
 def test_onnx_export_replaces_a_file_when_asked_and_matches_pytorch(tiny_model, tmp_path, capsys):
     out = tmp_path / "model.onnx"
     out.write_text("mine")
-    assert seg_cli.main(["export", str(tiny_model), str(out)]) == 2
+    argv = ["export", str(out), "--checkpoint", str(tiny_model)]
+    assert seg_cli.main(argv) == 2
     assert "model.onnx already exists" in capsys.readouterr().err and out.read_text() == "mine"
-    assert seg_cli.main(["export", str(tiny_model), str(out), "--overwrite"]) == 0
+    assert seg_cli.main(argv + ["--overwrite"]) == 0
     assert capsys.readouterr().out == f"wrote {out}\n"
     session = onnx_session(out)
     segmenter = su.load_segmenter(tiny_model, device=torch.device("cpu"))
@@ -668,8 +731,9 @@ def test_the_installed_commands_answer_and_exit_2_with_one_line_on_errors(flair_
     process spends most of its time importing torch)."""
     missing, out = tmp_path / "missing", tmp_path / "o"
     commands = {
-        "inputs": [Path(sys.executable).parent / "unet-seg", "inputs", flair_model],
-        "error": [sys.executable, "-m", "seg_cli", "predict", flair_model, missing, "--out", out],
+        "inputs": [Path(sys.executable).parent / "unet-seg", "inputs", "--checkpoint", flair_model],
+        "error": [sys.executable, "-m", "seg_cli", "predict", missing, "--checkpoint", flair_model]
+        + ["--out", out],
     }
     running = {
         k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -680,6 +744,23 @@ def test_the_installed_commands_answer_and_exit_2_with_one_line_on_errors(flair_
     status, said, err = done["error"]
     assert (status, said) == (2, "") and err.startswith(f"error: {missing} does not exist")
     assert err.count("\n") == 1 and no_leftovers(out)
+
+
+def test_without_checkpoint_the_commands_use_the_released_model_and_name_it_when_missing(
+    patient, tmp_path, monkeypatch, capsys
+):
+    """A copy of the project without models/lgg_unet.pt: each command names the file in one
+    line, and writes nothing."""
+    released = tmp_path / "models" / "lgg_unet.pt"
+    monkeypatch.setattr(seg_predict, "RELEASED_MODEL", released)
+    monkeypatch.setattr(seg_cli, "RELEASED_MODEL", released)  # imported by name
+    out, onnx = tmp_path / "out", tmp_path / "model.onnx"
+    for argv in [["predict", patient[1], "--out", out], ["export", onnx], ["inputs"]]:
+        assert seg_cli.main([str(a) for a in argv]) == 2, argv
+        said = capsys.readouterr()
+        assert said.out == "" and said.err.count("\n") == 1, said.err
+        assert said.err.startswith(f"error: {released} does not exist"), said.err
+    assert list(tmp_path.iterdir()) == []  # no out folder, no ONNX file
 
 
 def test_python_m_seg_utils_says_where_the_commands_went(monkeypatch, capsys):
