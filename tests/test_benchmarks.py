@@ -1,5 +1,6 @@
 """The benchmarks (benchmarks/*.py): cross-validation and its ensemble, recipes, time to Dice, the
-site-shift simulator, leave one site out, and every script's --help.
+site-shift simulator, leave one site out, the release of a model (with the development set and
+the scan checks), and every script's --help.
 
 One cross-validation runs, in this process and once for the module (the fixture `cv`): two folds
 of a tiny U-Net on 8 synthetic patients, gathered with a second folder of the same folds. The
@@ -8,6 +9,7 @@ tests that need trained models share it; the rest need no training.
 
 import ast
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -15,8 +17,10 @@ import re
 import runpy
 import shutil
 import sys
+from dataclasses import asdict
 from types import SimpleNamespace
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -27,7 +31,10 @@ import seg_utils as su
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import cross_validate  # noqa: E402
+import external_dev  # noqa: E402
 import leave_one_site_out  # noqa: E402
+import release_model  # noqa: E402
+import scan_checks  # noqa: E402
 import site_shift  # noqa: E402
 import time_to_dice  # noqa: E402
 import train_lgg  # noqa: E402
@@ -279,25 +286,90 @@ def test_site_split_known_answer():
     ]
 
 
-def test_leave_one_site_out_scores_sites_the_model_never_saw(
-    synthetic_set, tmp_path, monkeypatch, capsys
-):
-    """Synthetic ids (SYN_P000_0000) make every patient a site of its own: two of them held out,
-    each model trains without its site, and the summary holds every input condition."""
-    data = synthetic_set(8, 0)
-    monkeypatch.setenv("LGG_DATA", str(data))
+@pytest.fixture(scope="module")
+def loso(synthetic_set, tmp_path_factory) -> SimpleNamespace:
+    """A leave-one-site-out run of two held-out sites (one epoch, inputs dropped, the other-site
+    augmentations). Synthetic ids (SYN_P000_0000) make every patient a site of its own."""
+    data, run_dir = synthetic_set(8, 0), tmp_path_factory.mktemp("loso")
     pool = su.split_by_patient(su.scan_dataset(data))
     held_out = sorted({leave_one_site_out.site(r.patient) for r in pool["train"]})[:2]
-    run = ["--run-dir", str(tmp_path), "--sites", ",".join(held_out), *TINY, "--epochs", "1"]
-    leave_one_site_out.main(run)
-    summary = json.loads((tmp_path / "loso_summary.json").read_text())
-    assert sorted(summary["sites"]) == held_out
+    recipe = [*TINY, "--epochs", "1", "--input-dropout", "0.5", "--other-sites"]
+    output = io.StringIO()
+    with pytest.MonkeyPatch.context() as env, contextlib.redirect_stdout(output):
+        env.setenv("LGG_DATA", str(data))
+        leave_one_site_out.main(["--run-dir", str(run_dir), "--sites", ",".join(held_out), *recipe])
+    return SimpleNamespace(data=data, run_dir=run_dir, held_out=held_out, recipe=recipe, out=output)
+
+
+def test_leave_one_site_out_scores_sites_the_model_never_saw(loso):
+    """Each model trains without its site, and the summary holds every input condition."""
+    summary = json.loads((loso.run_dir / "loso_summary.json").read_text())
+    assert sorted(summary["sites"]) == loso.held_out
     for name, scores in summary["sites"].items():
-        segmenter = su.load_segmenter(tmp_path / name / "last.pt")
+        segmenter = su.load_segmenter(loso.run_dir / name / "last.pt")
         trained = set(segmenter.patients[0]["train"]) | set(segmenter.patients[0]["val"])
         assert all(leave_one_site_out.site(p) != name for p in trained)
+        assert segmenter.input_dropout == [0.5]
         new = scores["new site"]
         assert list(new) == list(leave_one_site_out.MISSING)
         assert [leave_one_site_out.site(p) for p in new["every input"]] == [name]
         assert all(0 <= d <= 1 for c in new.values() for d in c.values())
-    assert "FLAIR only" in capsys.readouterr().out
+    assert "FLAIR only" in loso.out.getvalue()
+
+
+def write_dev_case(folder, volume: su.Volume) -> None:
+    """A development-set case folder from a synthetic volume: {flair,t1,t1c,truth}.nii."""
+    folder.mkdir(parents=True)
+    affine = np.diag([1.0, 1.0, 3.0, 1.0])
+    names = {"t1": volume.image[..., 0], "flair": volume.image[..., 1], "t1c": volume.image[..., 2]}
+    for name, array in (names | {"truth": volume.mask}).items():  # (D, H, W) -> (W, H, D)
+        image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine)
+        nib.save(image, folder / f"{name}.nii")
+
+
+def test_a_release_chooses_out_of_fold_trains_on_the_pool_and_scores_test_and_dev(
+    loso, tmp_path, monkeypatch, capsys
+):
+    """release_model.py: the PostProcess from the site models' unseen sites, training on train +
+    val, the model file with its SHA-256, every figure in release.json; and the dev set's and
+    the scan checks' tables from it. A recipe other than the leave-one-site-out run's, or an
+    existing model file without --overwrite, is refused."""
+    monkeypatch.setenv("LGG_DATA", str(loso.data))
+    splits = su.split_by_patient(su.scan_dataset(loso.data))
+    first = [r for r in splits["test"] if r.patient == splits["test"][0].patient]
+    write_dev_case(tmp_path / "dev" / "case-a", su.load_volumes(first, progress=False)[0])
+    out, run_dir = tmp_path / "models" / "model.pt", tmp_path / "release"
+    flags = ["--loso", str(loso.run_dir), "--run-dir", str(run_dir), "--out", str(out)]
+    release_model.main([*flags, "--dev", str(tmp_path / "dev"), *loso.recipe])
+    report = json.loads((run_dir / "release.json").read_text())
+    segmenter = su.load_segmenter(out)
+    assert segmenter.chosen_on == "leave one site out" and segmenter.fills_missing
+    assert asdict(segmenter.post) == report["postprocess"]
+    pool = {r.patient for r in splits["train"] + splits["val"]}
+    assert set(segmenter.patients[0]["train"]) == pool
+    sha = (out.parent / "SHA256SUMS").read_text().split()
+    assert (
+        sha
+        == [hashlib.sha256(out.read_bytes()).hexdigest(), "model.pt"]
+        == [report["sha256"], "model.pt"]
+    )
+    assert list(report["test"]) == list(report["dev"]) == list(leave_one_site_out.MISSING)
+    assert all(0 <= v[1] <= v[0] <= v[2] <= 1 for v in report["test"].values())  # mean in its CI
+    assert all(list(v) == ["case-a"] for v in report["dev"].values())
+    with pytest.raises(SystemExit, match="exists"):
+        release_model.main([*flags, *loso.recipe])
+    with pytest.raises(SystemExit, match="another recipe"):
+        release_model.main([*flags, "--overwrite", *loso.recipe, "--epochs", "3"])
+    capsys.readouterr()
+    external_dev.main([str(tmp_path / "dev"), str(out), str(out)])
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[1:]] == ["every", "no", "no", "FLAIR"]
+    scan_checks.main(["--checkpoint", str(out), "--dev", str(tmp_path / "dev")])
+    rows = capsys.readouterr().out.splitlines()[1:]
+    names = ["LGG test", *site_shift.SHIFTS, "other hospitals (dev)"]
+    assert [row[:32].strip() for row in rows] == names
+    n_test = len({r.patient for r in splits["test"]})
+    for row in rows:  # the scans counted, then how many got each finding
+        counts = [int(c) for c in row[32:].split()]
+        assert all(0 <= c <= counts[0] for c in counts[1:])
+        assert counts[0] == (1 if "dev" in row else n_test)
