@@ -266,6 +266,7 @@ def predict(
     except (TypeError, ValueError) as e:
         raise DataError(f"{e}: change the flags ({model} holds {segmenter.post})") from e
     scan = read_scan(source, t1, t1c)
+    in_file, segmenter = len(segmenter.nets), segmenter.for_inputs(scan.present)
     fill_missing = fill_missing or ("flair" if segmenter.fills_missing else None)
     image, filled = model_image(scan, segmenter.channels, model, fill_missing)
     pred = segmenter.mask(image, progress).astype(np.uint8)
@@ -274,6 +275,7 @@ def predict(
     slice_mm = axes and scan.nifti.voxel_mm[axes.index(0)]
     summary = dict(input=str(source), t1=t1 and str(t1), t1c=t1c and str(t1c))
     summary |= dict(input_kind=scan.kind, model=str(model), networks=len(segmenter.nets))
+    summary["networks_in_file"] = in_file  # for_inputs: those for the inputs given
     summary["model_sha256"] = hashlib.sha256(model.read_bytes()).hexdigest()
     summary |= dict(model_inputs=needed_inputs(segmenter.channels), filled_from_flair=filled)
     summary |= dict(given_inputs=[CHANNELS[c] for c in scan.present])

@@ -791,8 +791,24 @@ class Segmenter:
 
     @property
     def fills_missing(self) -> bool:
-        """True when every network trained on scans whose missing inputs were filled by FLAIR."""
-        return bool(self.nets) and all(d > 0 for d in self.input_dropout)
+        """True when some network trained on scans whose missing inputs were filled by FLAIR."""
+        return any(d > 0 for d in self.input_dropout)
+
+    def for_inputs(self, given: tuple) -> Segmenter:
+        """The networks for a scan with the CHANNELS `given`: those trained on every input,
+        where the scan has all they read; else those trained with inputs dropped (they take
+        FLAIR in place of the rest); else all."""
+        whole = [
+            d == 0 and set(p.channels) <= set(given) for p, d in zip(self.pres, self.input_dropout)
+        ]
+        pick = whole if any(whole) else [d > 0 for d in self.input_dropout]
+        pick = pick if any(pick) else [True] * len(self.nets)
+        chosen = [i for i, p in enumerate(pick) if p]
+        lists = [
+            [x[i] for i in chosen]
+            for x in (self.nets, self.pres, self.patients, self.input_dropout)
+        ]
+        return Segmenter(lists[0], lists[1], self.post, self.chosen_on, lists[2], lists[3])
 
     @property
     def channels(self) -> tuple:

@@ -33,13 +33,14 @@ def read_case(folder: Path):
 
 
 def score_model(path: Path, cases: dict, own_post: bool) -> dict:
-    """{condition: {case: Dice}} of one model file."""
-    segmenter = su.load_segmenter(path)
+    """{condition: {case: Dice}} of one model file, with the networks predict would use."""
+    model = su.load_segmenter(path)
     if not own_post:
-        segmenter.post = FIXED
+        model.post = FIXED
     scores = {condition: {} for condition in MISSING}
     for name, (scan, truth) in cases.items():
         for condition, missing in MISSING.items():
+            segmenter = model.for_inputs(tuple(c for c in range(3) if c not in missing))
             image = scan.image.copy()  # (D, 256, 256, 3)
             image[..., list(missing)] = image[..., [su.FLAIR]]
             mask = from_axial_slices(segmenter.mask(image), scan.nifti).reshape(truth.shape)

@@ -9,10 +9,14 @@
 2. The recipe (train_lgg.py's flags) trains on all 88 training and validation patients; the 11
    validation patients are among them, so their Dice during training only shows progress, and
    the model is the last epoch.
-3. The 22 test patients score it once, with every input and with inputs missing (replaced by
-   FLAIR), and so do the development-set cases of --dev (external_dev.py).
-4. The model file (--out; an existing one is replaced only with --overwrite), its SHA-256 in
-   models/SHA256SUMS and every figure in run-dir/release.json, for the card.
+3. --with MODEL adds the networks of another model file, for the scans they fit better
+   (Segmenter.for_inputs: a network trained with inputs dropped serves scans with inputs missing).
+4. The 22 test patients score it once, with every input and with inputs missing (replaced by
+   FLAIR), and so do the development-set cases of --dev (external_dev.py), each condition with
+   the networks predict would use.
+5. The model file (--out, weights stored as float16: half the size; an existing file is replaced
+   only with --overwrite), its SHA-256 in models/SHA256SUMS and every figure in
+   run-dir/release.json, for the card.
 """
 
 from __future__ import annotations
@@ -47,11 +51,11 @@ def choose_out_of_fold(loso: Path, pool: list) -> tuple[su.PostProcess, float]:
     return su.choose_postprocess(su.sweep_postprocessing(probs, volumes))
 
 
-def test_dice(segmenter: su.Segmenter, volumes: list) -> dict:
+def test_dice(model: su.Segmenter, volumes: list) -> dict:
     """{condition: (mean per-patient Dice, 95% interval low, high)} with inputs missing."""
     out = {}
     for condition, missing in MISSING.items():
-        probs = {}
+        segmenter, probs = model.for_inputs(tuple(c for c in range(3) if c not in missing)), {}
         for volume in volumes:
             image = volume.image.copy()  # (D, H, W, 3)
             image[..., list(missing)] = image[..., [su.FLAIR]]
@@ -68,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RELEASED_MODEL)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--dev", type=Path, help="development set: <case>/{flair,t1,t1c,truth}.nii")
+    parser.add_argument("--with", dest="others", type=Path, action="append", default=[])
     add_recipe_arguments(parser)
     args = parser.parse_args(argv)
     recipe = recipe_from_args(args)
@@ -82,9 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     post, oof = choose_out_of_fold(args.loso, pool)
     print(f"chosen on the leave-one-site-out predictions: {post} (Dice {oof:.3f})", flush=True)
     train_run(pool, splits["val"], args.run_dir, recipe, resume=True, progress=False)
-    segmenter = su.load_segmenter(args.run_dir / "last.pt")
+    segmenter = su.load_segmenter(args.run_dir / "last.pt", *args.others)
     segmenter.post, segmenter.chosen_on = post, "leave one site out"
+    for net in segmenter.nets:
+        net.half()  # float16 on disk; load_state_dict copies it into float32 networks
     segmenter.save(args.out)
+    segmenter = su.load_segmenter(args.out)  # scored as saved
     sha = hashlib.sha256(args.out.read_bytes()).hexdigest()
     (args.out.parent / "SHA256SUMS").write_text(f"{sha}  {args.out.name}\n")
     report = dict(recipe=recipe, postprocess=asdict(post), out_of_fold_dice=oof, sha256=sha)

@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import REPO_ROOT
 
 import seg_runs
@@ -344,6 +345,9 @@ def test_a_release_chooses_out_of_fold_trains_on_the_pool_and_scores_test_and_de
     report = json.loads((run_dir / "release.json").read_text())
     segmenter = su.load_segmenter(out)
     assert segmenter.chosen_on == "leave one site out" and segmenter.fills_missing
+    saved = su.read_checkpoint(out)["networks"][0]["state"]
+    assert saved["head.weight"].dtype == torch.float16  # half the size on disk
+    assert segmenter.nets[0].head.weight.dtype == torch.float32
     assert asdict(segmenter.post) == report["postprocess"]
     pool = {r.patient for r in splits["train"] + splits["val"]}
     assert set(segmenter.patients[0]["train"]) == pool

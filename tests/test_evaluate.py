@@ -4,6 +4,7 @@ answers, the sweep and its choice, test-time augmentation, ensembles and model f
 import math
 import re
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -370,6 +371,29 @@ def test_segmenter_file_round_trip_keeps_postprocess_chosen_on_patients_and_inpu
         assert torch.equal(copy.state_dict()[key], value), key
 
 
+def test_for_inputs_picks_the_networks_that_fit_the_inputs_given():
+    """Networks trained on every input serve scans that have all they read; networks trained
+    with inputs dropped serve the rest; where none fits, all (predict then refuses the scan)."""
+    flair = replace(WHOLE, channels=(su.FLAIR,))
+    nets = [tiny_unet(0), tiny_unet(1), tiny_unet(2)]
+    segmenter = su.Segmenter(nets, [WHOLE, WHOLE, flair], input_dropout=[0.0, 0.5, 0.0])
+    picked = {given: segmenter.for_inputs(given) for given in [(0, 1, 2), (1, 2), (1,)]}
+    assert picked[(0, 1, 2)].nets == [nets[0], nets[2]]  # each reads only what is given
+    assert picked[(1, 2)].nets == picked[(1,)].nets == [nets[2]]  # the FLAIR-only network
+    both = su.Segmenter(nets[:2], [WHOLE, WHOLE], su.PostProcess(tta=True), "x", [], [0.0, 0.5])
+    assert both.for_inputs((0, 1, 2)).nets == [nets[0]]
+    assert both.for_inputs((1, 2)).nets == both.for_inputs((1,)).nets == [nets[1]]
+    only = both.for_inputs((1,))
+    assert (only.post, only.chosen_on, only.input_dropout, only.fills_missing) == (
+        su.PostProcess(tta=True),
+        "x",
+        [0.5],
+        True,
+    )
+    plain = su.Segmenter(nets[:1], [WHOLE])
+    assert plain.for_inputs((1,)).nets == nets[:1] and not plain.fills_missing
+
+
 def test_several_files_load_as_one_ensemble(tmp_path):
     paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
     first = su.PostProcess(threshold=0.4)
@@ -379,8 +403,7 @@ def test_several_files_load_as_one_ensemble(tmp_path):
     ensemble = su.load_segmenter(*paths, device=CPU)
     assert len(ensemble.nets) == len(ensemble.pres) == len(ensemble.patients) == 3
     assert ensemble.patients[0] == dict(train=["A"], val=["B"])
-    # filled inputs are what every network must have learnt, or a missing one is refused
-    assert ensemble.input_dropout == [0.5, 0.0, 0.0] and not ensemble.fills_missing
+    assert ensemble.input_dropout == [0.5, 0.0, 0.0] and ensemble.fills_missing
     image = random_scan()
     alone = [su.load_segmenter(p, device=CPU).probabilities(image) for p in paths]
     np.testing.assert_allclose(

@@ -307,6 +307,15 @@ def test_a_model_trained_with_inputs_dropped_fills_them_from_flair_itself(
     for drop in (0.5, 0.0):
         assert seg_cli.main(["inputs", "--checkpoint", str(tmp_path / f"drop-{drop}.pt")]) == 0
         assert ("or FLAIR alone" in capsys.readouterr().out) == (drop > 0)
+    # one file of both: the network trained on every input for a whole scan, the other for this
+    su.Segmenter([net, net], [pre, pre], input_dropout=[0.0, 0.5]).save(tmp_path / "both.pt")
+    alone = predict(tmp_path / "both.pt", nifti[FLAIR], tmp_path / "both-flair", progress=False)
+    assert (alone["networks"], alone["networks_in_file"]) == (1, 2)
+    assert alone["trained_for_missing_inputs"] and alone["filled_from_flair"]
+    full = write_scan_nifti(vol, tmp_path / "nii3", "LPS")
+    given = dict(t1=full[0], t1c=full[2], progress=False)
+    whole = predict(tmp_path / "both.pt", full[FLAIR], tmp_path / "both-all", **given)
+    assert (whole["networks"], whole["trained_for_missing_inputs"]) == (1, False)
 
 
 def test_a_skull_stripped_thin_slab_is_named_in_the_summary_and_on_stderr(
@@ -779,3 +788,22 @@ def test_data_command_says_where_the_data_set_is(synthetic_set, monkeypatch, cap
     assert seg_cli.main(["data"]) == 0
     count = len(su.scan_dataset(data_dir))
     assert capsys.readouterr().out == f"data: {data_dir} ({count} slices)\n"
+
+
+def test_the_released_model_is_the_listed_file_and_segments_a_fixed_synthetic_scan_as_recorded(
+    synthetic_set, tmp_path
+):
+    """models/lgg_unet.pt matches models/SHA256SUMS, loads with weights_only (read_checkpoint)
+    and, used by default, gives synthetic patient SYN_P005 (every input: the network trained on
+    every input, one of the file's two) the mask recorded at its release: 17,810 voxels, Dice
+    0.912 (bf16 and fp32 CPUs may differ by a few voxels)."""
+    listed = (seg_predict.RELEASED_MODEL.parent / "SHA256SUMS").read_text().split()
+    digest = hashlib.sha256(seg_predict.RELEASED_MODEL.read_bytes()).hexdigest()
+    assert listed == [digest, seg_predict.RELEASED_MODEL.name]
+    folder = synthetic_set(8, 0) / "SYN_P005_0000"
+    summary = predict(None, folder, tmp_path / "out", progress=False)
+    assert summary["model_sha256"] == digest
+    assert (summary["networks"], summary["networks_in_file"]) == (1, 2)
+    assert not summary["trained_for_missing_inputs"]
+    assert summary["tumour_pixels"] == pytest.approx(17810, rel=0.02)
+    assert summary["dice"] == pytest.approx(0.912, abs=0.01)
