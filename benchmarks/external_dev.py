@@ -16,7 +16,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from leave_one_site_out import MISSING
+from leave_one_site_out import MISSING, with_missing
 
 import seg_utils as su
 from seg_runs import write_json
@@ -40,9 +40,7 @@ def score_model(path: Path, cases: dict, own_post: bool) -> dict:
     scores = {condition: {} for condition in MISSING}
     for name, (scan, truth) in cases.items():
         for condition, missing in MISSING.items():
-            segmenter = model.for_inputs(tuple(c for c in range(3) if c not in missing))
-            image = scan.image.copy()  # (D, 256, 256, 3)
-            image[..., list(missing)] = image[..., [su.FLAIR]]
+            segmenter, image = with_missing(model, scan.image, missing)  # (D, 256, 256, 3)
             mask = from_axial_slices(segmenter.mask(image), scan.nifti).reshape(truth.shape)
             scores[condition][name] = su.dice_score(mask, truth)
     return scores

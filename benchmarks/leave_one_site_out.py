@@ -71,14 +71,21 @@ def train_site(held_out: str, pool: list, run_dir: Path, recipe: dict) -> Path:
     return last
 
 
-def dice_by_condition(segmenter: su.Segmenter, volumes: list) -> dict:
+def with_missing(model: su.Segmenter, image: np.ndarray, missing: tuple):
+    """(the networks predict uses, the (D, H, W, 3) image) for a scan without the `missing`
+    channels: replaced by FLAIR, as predict does."""
+    image = image.copy()
+    image[..., list(missing)] = image[..., [su.FLAIR]]
+    return model.for_inputs(tuple(c for c in range(3) if c not in missing)), image
+
+
+def dice_by_condition(model: su.Segmenter, volumes: list) -> dict:
     """{condition: {patient: Dice}} with the missing scans replaced by FLAIR."""
     scores = {}
     for condition, missing in MISSING.items():
         scores[condition] = {}
         for volume in volumes:
-            image = volume.image.copy()
-            image[..., list(missing)] = image[..., [su.FLAIR]]  # (D, H, W, 3), as --fill-missing
+            segmenter, image = with_missing(model, volume.image, missing)
             mask = segmenter.mask(image)
             scores[condition][volume.patient] = su.dice_score(mask, volume.mask)
     return scores

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from external_dev import read_case, score_model
-from leave_one_site_out import MISSING, site_split
+from leave_one_site_out import MISSING, site_split, with_missing
 from train_lgg import add_recipe_arguments, machine_line, recipe_from_args, train_run
 
 import seg_utils as su
@@ -55,10 +55,9 @@ def test_dice(model: su.Segmenter, volumes: list) -> dict:
     """{condition: (mean per-patient Dice, 95% interval low, high)} with inputs missing."""
     out = {}
     for condition, missing in MISSING.items():
-        segmenter, probs = model.for_inputs(tuple(c for c in range(3) if c not in missing)), {}
+        probs = {}
         for volume in volumes:
-            image = volume.image.copy()  # (D, H, W, 3)
-            image[..., list(missing)] = image[..., [su.FLAIR]]
+            segmenter, image = with_missing(model, volume.image, missing)
             probs[volume.patient] = segmenter.probabilities(image)
         patients, _, _ = su.score_patients(probs, volumes, segmenter.post)
         out[condition] = (patients.dice.mean(), *su.bootstrap_ci(patients.dice))
