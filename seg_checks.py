@@ -44,12 +44,9 @@ def rescaled_flair(image: np.ndarray, head: np.ndarray) -> np.ndarray:
     return np.clip((flair - lo) / max(hi - lo, 1.0), 0, 1)
 
 
-def flair_quantiles(image: np.ndarray) -> np.ndarray:
-    """QUANTILES of the head's rescaled FLAIR in a (D, H, W, 3) uint8 scan."""
-    head = flair_head(image)
-    return (
-        np.quantile(rescaled_flair(image, head)[head], QUANTILES) if head.any() else QUANTILES * 0
-    )
+def flair_quantiles(flair: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """QUANTILES of the head's rescaled FLAIR (rescaled_flair)."""
+    return np.quantile(flair[head], QUANTILES) if head.any() else QUANTILES * 0
 
 
 def scan_measures(image: np.ndarray, mask: np.ndarray) -> dict:
@@ -65,7 +62,7 @@ def scan_measures(image: np.ndarray, mask: np.ndarray) -> dict:
         slices=len(image),
         head_share=float(head.mean((1, 2)).max()),
         background_zero=float((background == 0).mean()) if background.size else 0.0,
-        histogram_distance=float(np.abs(flair_quantiles(image) - TYPICAL_FLAIR).mean()),
+        histogram_distance=float(np.abs(flair_quantiles(flair, head) - TYPICAL_FLAIR).mean()),
         bright_share=float(largest / max(head.sum(), 1)),
         mask_voxels=int(mask.sum()),
     )

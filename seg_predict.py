@@ -31,7 +31,7 @@ from seg_checks import scan_findings, scan_measures
 from seg_draw import render_slice
 from seg_files import CHANNELS, FLAIR, DataError, check_path
 from seg_runs import usual_mode
-from seg_scan import Scan, axis_codes, from_axial_slices, nifti_mask, read_scan
+from seg_scan import Scan, axis_codes, from_axial_slices, nifti_mask, read_scan, slice_mm
 
 RELEASED_MODEL = Path(__file__).with_name("models") / "lgg_unet.pt"  # models/MODEL_CARD.md
 INPUT_FLAGS = ("--t1", "INPUT", "--t1c")  # where each of CHANNELS comes from for NIfTI input
@@ -271,8 +271,6 @@ def predict(
     image, filled = model_image(scan, segmenter.channels, model, fill_missing)
     pred = segmenter.mask(image, progress).astype(np.uint8)
     measures = scan_measures(image, pred)
-    axes = scan.nifti and list(scan.nifti.to_axial[:, 0])  # file axis -> axial axis (0: slices)
-    slice_mm = axes and scan.nifti.voxel_mm[axes.index(0)]
     summary = dict(input=str(source), t1=t1 and str(t1), t1c=t1c and str(t1c))
     summary |= dict(input_kind=scan.kind, model=str(model), networks=len(segmenter.nets))
     summary["networks_in_file"] = in_file  # for_inputs: those for the inputs given
@@ -283,7 +281,8 @@ def predict(
     summary |= dict(changed=sorted(changes or {}), preprocess=[asdict(p) for p in segmenter.pres])
     summary["trained_for_missing_inputs"] = segmenter.fills_missing
     summary["measures"] = measures
-    summary["warnings"] = scan_findings(measures, filled, slice_mm)
+    thickness = slice_mm(scan.nifti) if scan.nifti else None
+    summary["warnings"] = scan_findings(measures, filled, thickness)
     summary["warnings"] += [] if filled else channel_warnings(scan, segmenter.channels)
     summary |= summarise_prediction(scan, pred)
     with staged_folder(out_dir, overwrite, keep) as folder:

@@ -339,6 +339,11 @@ def nifti_mask(mask: np.ndarray, geometry: NiftiGeometry):
     return image
 
 
+def slice_mm(geometry: NiftiGeometry) -> float:
+    """The voxel size along the axis the axial slices are stacked on."""
+    return geometry.voxel_mm[list(geometry.to_axial[:, 0]).index(0)]  # file axis -> AXIAL axis
+
+
 def axis_codes(geometry: NiftiGeometry) -> str:
     """Where the file's axes point, e.g. 'LPS'."""
     return "".join(nib.aff2axcodes(geometry.image.affine))

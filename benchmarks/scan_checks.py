@@ -20,7 +20,14 @@ import numpy as np
 from site_shift import SHIFTS, shift_rng
 
 import seg_utils as su
-from seg_checks import TRAINING, flair_quantiles, scan_findings, scan_measures
+from seg_checks import (
+    TRAINING,
+    flair_head,
+    flair_quantiles,
+    rescaled_flair,
+    scan_findings,
+    scan_measures,
+)
 from seg_scan import read_scan
 
 KINDS = {  # a finding's first words -> its name in the table
@@ -47,7 +54,9 @@ def print_ranges(volumes: list) -> None:
         print(
             f"{key:<20} {a.min():>7.3f} {low5:>8.3f} {median:>7.3f} {a.max():>7.3f}  {TRAINING[key]}"
         )
-    typical = np.mean([flair_quantiles(v.image) for v in volumes], axis=0)  # TYPICAL_FLAIR
+    heads = [flair_head(v.image) for v in volumes]
+    rescaled = [rescaled_flair(v.image, head) for v, head in zip(volumes, heads)]
+    typical = np.mean([flair_quantiles(*pair) for pair in zip(rescaled, heads)], axis=0)
     print(f"mean FLAIR quantiles: {np.round(typical, 2).tolist()}")
 
 
